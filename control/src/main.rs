@@ -1,0 +1,3 @@
+fn main() {
+    println!("switchyard {}", env!("CARGO_PKG_VERSION"));
+}

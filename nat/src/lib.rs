@@ -1,0 +1,1 @@
+//! switchyard's gateway and connection-tracking NAT. Pure logic: time is an argument.
