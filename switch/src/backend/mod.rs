@@ -2,3 +2,9 @@
 //! replay; `tap` and `packet` wrap the kernel interfaces a container endpoint is made of.
 
 pub mod memory;
+#[allow(unsafe_code)]
+pub mod ethtool;
+#[allow(unsafe_code)]
+pub mod packet;
+#[allow(unsafe_code)]
+pub mod tap;
