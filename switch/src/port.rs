@@ -56,10 +56,18 @@ pub enum DropReason {
     TableFull,
     /// Anything the router did not handle (unsupported protocol).
     Unsupported,
+    /// No free NAT port (or ICMP id) for a new flow.
+    PortsExhausted,
+    /// A TCP segment that neither belongs to a tracked connection nor may start one.
+    InvalidState,
+    /// A non-first IPv4 fragment whose first fragment was not seen (or timed out).
+    Fragment,
+    /// The uplink next hop did not answer ARP (or its hold queue was full).
+    NoNeighbor,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 16] = [
+    pub const ALL: [DropReason; 20] = [
         DropReason::Runt,
         DropReason::Oversize,
         DropReason::InvalidSourceMac,
@@ -76,6 +84,10 @@ impl DropReason {
         DropReason::TtlExceeded,
         DropReason::TableFull,
         DropReason::Unsupported,
+        DropReason::PortsExhausted,
+        DropReason::InvalidState,
+        DropReason::Fragment,
+        DropReason::NoNeighbor,
     ];
     pub const COUNT: usize = Self::ALL.len();
 
@@ -102,6 +114,10 @@ impl DropReason {
             DropReason::TtlExceeded => "ttl_exceeded",
             DropReason::TableFull => "table_full",
             DropReason::Unsupported => "unsupported",
+            DropReason::PortsExhausted => "ports_exhausted",
+            DropReason::InvalidState => "invalid_state",
+            DropReason::Fragment => "fragment",
+            DropReason::NoNeighbor => "no_neighbor",
         }
     }
 }
