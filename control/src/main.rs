@@ -1,3 +1,118 @@
-fn main() {
-    println!("switchyard {}", env!("CARGO_PKG_VERSION"));
+//! The `switchyard` binary.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use switchyard_control::cli::{self, Cli, Cmd};
+use switchyard_control::client::default_socket;
+use switchyard_control::daemon::{self, DaemonConfig, UplinkArgs};
+use switchyard_control::error::{Error, Result};
+use switchyard_control::{demo, run};
+
+fn default_state_dir() -> PathBuf {
+    if nix::unistd::geteuid().is_root() {
+        return PathBuf::from("/var/lib/switchyard");
+    }
+    let base = std::env::var_os("XDG_DATA_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/share")))
+        .unwrap_or_else(|| PathBuf::from("/tmp"));
+    base.join("switchyard")
+}
+
+fn init_logging(level: &str) -> Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_new(level)
+        .map_err(|e| Error::invalid(format!("invalid --log-level {level:?}: {e}")))?;
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+    Ok(())
+}
+
+fn real_main(cli: Cli) -> Result<i32> {
+    let socket = cli.socket.clone();
+    match cli.cmd {
+        Cmd::Daemon(a) => {
+            init_logging(&a.log_level)?;
+            if a.docker_plugin {
+                return Err(Error::invalid(
+                    "--docker-plugin is not available in this build yet",
+                ));
+            }
+            let uplink = match (&a.uplink, &a.uplink_addr) {
+                (Some(iface), Some(addr)) => {
+                    let (ip, len) = addr
+                        .split_once('/')
+                        .and_then(|(i, l)| Some((i.parse().ok()?, l.parse::<u8>().ok()?)))
+                        .filter(|(_, l)| *l <= 32)
+                        .ok_or_else(|| {
+                            Error::invalid(format!(
+                                "invalid --uplink-addr {addr:?} (want e.g. 192.0.2.10/24)"
+                            ))
+                        })?;
+                    Some(UplinkArgs {
+                        iface: iface.clone(),
+                        addr: ip,
+                        prefix_len: len,
+                        gateway: a.uplink_gateway,
+                    })
+                }
+                _ => None,
+            };
+            daemon::run(DaemonConfig {
+                socket: socket.unwrap_or_else(default_socket),
+                state_dir: a.state_dir.unwrap_or_else(default_state_dir),
+                uplink,
+                mac_aging: std::time::Duration::from_secs(a.mac_aging),
+                conntrack_max: a.conntrack_max,
+            })?;
+            Ok(0)
+        }
+        Cmd::Network(n) => cli::network(&socket, n),
+        Cmd::Connect(a) => cli::connect(&socket, a),
+        Cmd::Run(a) => run::run(socket.unwrap_or_else(default_socket), a),
+        Cmd::RunChild { cmd } => run::child(cmd),
+        Cmd::Demo => demo::run(),
+        other => cli::simple(&socket, other),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            if matches!(
+                e.kind(),
+                ErrorKind::DisplayHelp
+                    | ErrorKind::DisplayVersion
+                    | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+            ) {
+                let _ = e.print();
+                return ExitCode::from(
+                    if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
+                        2
+                    } else {
+                        0
+                    },
+                );
+            }
+            // One line, like every other error; clap's usage hint is dropped.
+            let msg = e.to_string();
+            let first = msg.lines().next().unwrap_or("invalid arguments");
+            let first = first.strip_prefix("error: ").unwrap_or(first);
+            eprintln!("switchyard: error: {first}");
+            return ExitCode::from(2);
+        }
+    };
+    match real_main(cli) {
+        Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
+        Err(e) => {
+            eprintln!("switchyard: error: {e}");
+            ExitCode::from(1)
+        }
+    }
 }

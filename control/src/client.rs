@@ -1,0 +1,91 @@
+//! A control-socket client: one request, one reply.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+use crate::error::{Error, ErrorCode, Result};
+use crate::proto::{self, Request, Response};
+
+/// The default socket: `/run/switchyard/control.sock` for root,
+/// `$XDG_RUNTIME_DIR/switchyard/control.sock` otherwise.
+pub fn default_socket() -> PathBuf {
+    if nix::unistd::geteuid().is_root() {
+        return PathBuf::from("/run/switchyard/control.sock");
+    }
+    let base = std::env::var_os("XDG_RUNTIME_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(format!("/run/user/{}", nix::unistd::geteuid())));
+    base.join("switchyard/control.sock")
+}
+
+pub struct Client {
+    rd: BufReader<UnixStream>,
+    wr: UnixStream,
+    next_id: u64,
+}
+
+impl Client {
+    pub fn connect(path: &Path) -> Result<Client> {
+        let s = UnixStream::connect(path).map_err(|e| {
+            Error::unavailable(format!(
+                "cannot reach the daemon at {}: {e} (is `switchyard daemon` running?)",
+                path.display()
+            ))
+        })?;
+        let _ = s.set_read_timeout(Some(Duration::from_secs(120)));
+        let wr = s.try_clone()?;
+        Ok(Client {
+            rd: BufReader::new(s),
+            wr,
+            next_id: 1,
+        })
+    }
+
+    pub fn call_value(&mut self, method: &str, params: Value) -> Result<Value> {
+        let id = self.next_id;
+        self.next_id += 1;
+        let req = Request {
+            v: proto::VERSION,
+            id,
+            method: method.into(),
+            params,
+        };
+        let mut line = serde_json::to_vec(&req).map_err(|e| Error::internal(e.to_string()))?;
+        line.push(b'\n');
+        self.wr
+            .write_all(&line)
+            .map_err(|e| Error::unavailable(format!("sending to the daemon: {e}")))?;
+        let mut buf = String::new();
+        let n = self
+            .rd
+            .read_line(&mut buf)
+            .map_err(|e| Error::unavailable(format!("reading the daemon's reply: {e}")))?;
+        if n == 0 {
+            return Err(Error::unavailable("the daemon closed the connection"));
+        }
+        let resp: Response = serde_json::from_str(&buf)
+            .map_err(|e| Error::internal(format!("malformed reply from the daemon: {e}")))?;
+        if resp.ok {
+            Ok(resp.result.unwrap_or(Value::Null))
+        } else {
+            Err(resp
+                .error
+                .unwrap_or_else(|| Error::new(ErrorCode::Internal, "error without a message")))
+        }
+    }
+
+    pub fn call<T: DeserializeOwned>(
+        &mut self,
+        method: &str,
+        params: impl serde::Serialize,
+    ) -> Result<T> {
+        let p = serde_json::to_value(params).map_err(|e| Error::internal(e.to_string()))?;
+        let v = self.call_value(method, p)?;
+        serde_json::from_value(v).map_err(|e| Error::internal(format!("unexpected reply: {e}")))
+    }
+}

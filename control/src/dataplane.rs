@@ -1,0 +1,331 @@
+//! The dataplane thread: a mio loop over the port fds that feeds the [`Pipeline`].
+//!
+//! Configuration arrives as closures over a crossbeam channel plus a `mio::Waker`, so the
+//! control thread never shares the switch or the router behind a lock: the hot path takes no
+//! lock per packet. Each readable fd is drained in batches of [`BATCH`] frames, round-robin, so
+//! one busy port cannot starve the others (boringtun's MAX_ITR).
+
+use std::collections::HashSet;
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration as StdDuration;
+
+use crate::nat_shim::RxMeta;
+use crossbeam_channel::{Receiver, Sender};
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Poll, Registry, Token, Waker};
+use switchyard_switch::backend::packet::PacketSocket;
+use switchyard_switch::backend::tap::Tap;
+use switchyard_switch::{Instant, PortId};
+
+use crate::error::{Error, Result};
+use crate::pipeline::{Out, Pipeline};
+
+const WAKER: Token = Token(0);
+const UPLINK: Token = Token(1);
+const PORT_BASE: usize = 2;
+/// Frames read from one fd before the loop moves on to the next ready fd.
+const BATCH: usize = 64;
+/// Largest frame we read: a 65520-byte MTU plus Ethernet header and VLAN tag.
+const MAX_FRAME: usize = 65_536 + 18;
+/// How often MAC aging and conntrack expiry run when nothing else wakes the loop.
+const HOUSEKEEPING: StdDuration = StdDuration::from_millis(500);
+
+/// The kernel side of an endpoint port.
+pub enum PortIo {
+    Tap(Tap),
+    Packet(PacketSocket),
+}
+
+impl PortIo {
+    fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            PortIo::Tap(t) => t.read(buf),
+            PortIo::Packet(p) => p.read(buf),
+        }
+    }
+    fn write(&self, frame: &[u8]) -> io::Result<usize> {
+        match self {
+            PortIo::Tap(t) => t.write(frame),
+            PortIo::Packet(p) => p.write(frame),
+        }
+    }
+    fn raw_fd(&self) -> RawFd {
+        match self {
+            PortIo::Tap(t) => t.as_raw_fd(),
+            PortIo::Packet(p) => p.as_raw_fd(),
+        }
+    }
+}
+
+/// Uplink counters kept by the loop (the router counts the rest).
+#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
+pub struct UplinkCounters {
+    pub rx_packets: u64,
+    pub rx_bytes: u64,
+    pub tx_packets: u64,
+    pub tx_bytes: u64,
+    pub tx_failed: u64,
+}
+
+/// Everything the dataplane thread owns. Jobs from the control thread get `&mut` to it.
+pub struct DpState {
+    pub pipeline: Pipeline,
+    ports: Vec<Option<PortIo>>,
+    uplink: Option<PacketSocket>,
+    pub uplink_counters: UplinkCounters,
+    registry: Registry,
+    start: std::time::Instant,
+}
+
+impl DpState {
+    /// The dataplane clock: monotonic, from the thread's start.
+    pub fn now(&self) -> Instant {
+        Instant::from_micros(self.start.elapsed().as_micros() as i64)
+    }
+
+    /// Start polling `io` as port `id` (the switch port must exist already).
+    pub fn attach(&mut self, id: PortId, io: PortIo) -> io::Result<()> {
+        let fd = io.raw_fd();
+        self.registry.register(
+            &mut SourceFd(&fd),
+            Token(PORT_BASE + id.0 as usize),
+            Interest::READABLE,
+        )?;
+        let i = id.0 as usize;
+        if self.ports.len() <= i {
+            self.ports.resize_with(i + 1, || None);
+        }
+        self.ports[i] = Some(io);
+        Ok(())
+    }
+
+    /// Stop polling port `id` and hand its fd back (dropping it closes a tap).
+    pub fn detach(&mut self, id: PortId) -> Option<PortIo> {
+        let io = self.ports.get_mut(id.0 as usize)?.take()?;
+        let fd = io.raw_fd();
+        if let Err(e) = self.registry.deregister(&mut SourceFd(&fd)) {
+            tracing::warn!(port = id.0, "deregister: {e}");
+        }
+        Some(io)
+    }
+
+    /// Every attached port's fd, for shutdown.
+    pub fn detach_all(&mut self) -> Vec<(PortId, PortIo)> {
+        let ids: Vec<PortId> = (0..self.ports.len())
+            .filter(|i| self.ports[*i].is_some())
+            .map(|i| PortId(i as u32))
+            .collect();
+        ids.into_iter()
+            .filter_map(|id| self.detach(id).map(|io| (id, io)))
+            .collect()
+    }
+
+    /// Read up to BATCH frames from `token`'s fd; true when it is drained (would block, or gone).
+    fn service(&mut self, token: Token, buf: &mut [u8]) -> bool {
+        let now = self.now();
+        let DpState {
+            pipeline,
+            ports,
+            uplink,
+            uplink_counters: up,
+            ..
+        } = self;
+        let (ports, uplink) = (&*ports, uplink.as_ref());
+        let (mut tx_pk, mut tx_by, mut tx_fail, mut rx_pk, mut rx_by) =
+            (0u64, 0u64, 0u64, 0u64, 0u64);
+        let mut tx = |out: Out, frame: &[u8]| -> bool {
+            let r = match out {
+                Out::Port(p) => match ports.get(p.0 as usize).and_then(Option::as_ref) {
+                    Some(io) => io.write(frame),
+                    None => return false,
+                },
+                Out::Uplink => {
+                    let Some(u) = uplink else { return false };
+                    let r = u.write(frame);
+                    if r.is_ok() {
+                        tx_pk += 1;
+                        tx_by += frame.len() as u64;
+                    } else {
+                        tx_fail += 1;
+                    }
+                    r
+                }
+            };
+            r.is_ok()
+        };
+        let mut budget = BATCH;
+        let drained = loop {
+            if budget == 0 {
+                break false;
+            }
+            budget -= 1;
+            let (r, port) = if token == UPLINK {
+                match uplink {
+                    Some(u) => (u.read(buf), None),
+                    None => break true,
+                }
+            } else {
+                let id = PortId((token.0 - PORT_BASE) as u32);
+                match ports.get(id.0 as usize).and_then(Option::as_ref) {
+                    Some(io) => (io.read(buf), Some(id)),
+                    None => break true,
+                }
+            };
+            match r {
+                Ok(n) => {
+                    let frame = &buf[..n];
+                    match port {
+                        Some(id) => {
+                            pipeline.from_port(id, frame, RxMeta::default(), now, &mut tx);
+                        }
+                        None => {
+                            rx_pk += 1;
+                            rx_by += n as u64;
+                            pipeline.from_uplink(frame, RxMeta::default(), now, &mut tx);
+                        }
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break true,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    // A vanished interface (veth deleted, netns gone) reads as an error until the
+                    // control thread detaches it; it must not spin the loop meanwhile.
+                    tracing::debug!(token = token.0, "read: {e}");
+                    break true;
+                }
+            }
+        };
+        up.tx_packets += tx_pk;
+        up.tx_bytes += tx_by;
+        up.tx_failed += tx_fail;
+        up.rx_packets += rx_pk;
+        up.rx_bytes += rx_by;
+        drained
+    }
+
+    fn housekeeping(&mut self) {
+        let now = self.now();
+        self.pipeline.switch.expire(now);
+        self.pipeline.router.expire(now);
+    }
+}
+
+fn run(mut poll: Poll, jobs: Receiver<Job>, mut st: DpState) {
+    let mut events = Events::with_capacity(256);
+    let mut buf = vec![0u8; MAX_FRAME];
+    let mut ready: Vec<Token> = Vec::new();
+    let mut is_ready: HashSet<Token> = HashSet::new();
+    let mut next_housekeeping = std::time::Instant::now() + HOUSEKEEPING;
+    loop {
+        let timeout = if ready.is_empty() {
+            next_housekeeping.saturating_duration_since(std::time::Instant::now())
+        } else {
+            StdDuration::ZERO
+        };
+        if let Err(e) = poll.poll(&mut events, Some(timeout)) {
+            if e.kind() != io::ErrorKind::Interrupted {
+                tracing::error!("dataplane poll: {e}");
+                return;
+            }
+        }
+        for ev in events.iter() {
+            let t = ev.token();
+            if t != WAKER && is_ready.insert(t) {
+                ready.push(t);
+            }
+        }
+        loop {
+            match jobs.try_recv() {
+                Ok(job) => job(&mut st),
+                Err(crossbeam_channel::TryRecvError::Empty) => break,
+                Err(crossbeam_channel::TryRecvError::Disconnected) => return,
+            }
+        }
+        // One batch per ready fd, round-robin; fds still holding frames stay in the list.
+        let mut i = 0;
+        while i < ready.len() {
+            if st.service(ready[i], &mut buf) {
+                is_ready.remove(&ready[i]);
+                ready.swap_remove(i);
+            } else {
+                i += 1;
+            }
+        }
+        if std::time::Instant::now() >= next_housekeeping {
+            st.housekeeping();
+            next_housekeeping = std::time::Instant::now() + HOUSEKEEPING;
+        }
+    }
+}
+
+type Job = Box<dyn FnOnce(&mut DpState) + Send>;
+
+/// Handle to the dataplane thread.
+pub struct Dataplane {
+    jobs: Sender<Job>,
+    waker: Arc<Waker>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Dataplane {
+    pub fn spawn(pipeline: Pipeline, uplink: Option<PacketSocket>) -> io::Result<Dataplane> {
+        let poll = Poll::new()?;
+        let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
+        let registry = poll.registry().try_clone()?;
+        if let Some(u) = &uplink {
+            registry.register(&mut SourceFd(&u.as_raw_fd()), UPLINK, Interest::READABLE)?;
+        }
+        let (jobs, rx) = crossbeam_channel::bounded::<Job>(1024);
+        let state = DpState {
+            pipeline,
+            ports: Vec::new(),
+            uplink,
+            uplink_counters: UplinkCounters::default(),
+            registry,
+            start: std::time::Instant::now(),
+        };
+        let thread = std::thread::Builder::new()
+            .name("dataplane".into())
+            .spawn(move || run(poll, rx, state))?;
+        Ok(Dataplane {
+            jobs,
+            waker,
+            thread: Some(thread),
+        })
+    }
+
+    /// Run `f` on the dataplane thread and wait for its result.
+    pub fn call<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut DpState) -> R + Send + 'static,
+    ) -> Result<R> {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        let job: Job = Box::new(move |st| {
+            let _ = tx.send(f(st));
+        });
+        self.jobs
+            .send_timeout(job, StdDuration::from_secs(5))
+            .map_err(|_| Error::unavailable("dataplane is not taking requests"))?;
+        self.waker
+            .wake()
+            .map_err(|e| Error::internal(format!("waking the dataplane: {e}")))?;
+        rx.recv_timeout(StdDuration::from_secs(10))
+            .map_err(|_| Error::unavailable("dataplane did not answer"))
+    }
+
+    /// Stop the thread; returns the port fds it held.
+    pub fn shutdown(mut self) -> Vec<(PortId, PortIo)> {
+        let ios = self.call(|st| st.detach_all()).unwrap_or_default();
+        let (tx, _rx) = crossbeam_channel::bounded::<Job>(0);
+        let jobs = std::mem::replace(&mut self.jobs, tx);
+        drop(jobs);
+        let _ = self.waker.wake();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        ios
+    }
+}

@@ -1,0 +1,19 @@
+//! switchyard's control plane as a library: the `switchyard` binary and the integration tests
+//! build on it.
+
+pub mod cli;
+pub mod client;
+pub mod daemon;
+pub mod dataplane;
+pub mod demo;
+pub mod error;
+pub mod ipam;
+pub mod nat_shim;
+pub mod netlink;
+pub mod netns;
+pub mod pipeline;
+pub mod plumbing;
+pub mod proto;
+pub mod run;
+pub mod spec;
+pub mod state;
