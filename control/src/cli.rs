@@ -77,6 +77,12 @@ pub enum Cmd {
     },
     /// Build a throw-away topology, run real traffic through it, print a summary.
     Demo,
+    #[command(hide = true, name = "__in-netns")]
+    InNetns {
+        path: String,
+        #[arg(last = true, required = true)]
+        cmd: Vec<String>,
+    },
     #[command(hide = true, name = "__run-child")]
     RunChild {
         #[arg(last = true, required = true)]

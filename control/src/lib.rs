@@ -17,3 +17,4 @@ pub mod proto;
 pub mod run;
 pub mod spec;
 pub mod state;
+pub mod probe;

@@ -76,6 +76,7 @@ fn real_main(cli: Cli) -> Result<i32> {
         Cmd::Run(a) => run::run(socket.unwrap_or_else(default_socket), a),
         Cmd::RunChild { cmd } => run::child(cmd),
         Cmd::Demo => demo::run(),
+        Cmd::InNetns { path, cmd } => demo::exec_in_netns(&path, &cmd),
         other => cli::simple(&socket, other),
     }
 }
