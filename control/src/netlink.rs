@@ -15,7 +15,8 @@ use netlink_packet_core::{
 };
 use netlink_packet_route::address::{AddressAttribute, AddressMessage};
 use netlink_packet_route::link::{
-    InfoData, InfoKind, InfoVeth, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
+    AfSpecInet6, AfSpecUnspec, In6AddrGenMode, InfoData, InfoKind, InfoVeth, LinkAttribute,
+    LinkFlags, LinkInfo, LinkMessage,
 };
 use netlink_packet_route::route::{
     RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope, RouteType,
@@ -230,6 +231,37 @@ impl Netlink {
             RouteNetlinkMessage::SetLink(msg),
             0,
         )
+    }
+
+    /// Sets or clears `IFF_NOARP` on link `index` (`ip link set DEV arp off|on`): with it set, the
+    /// kernel neither answers nor sends ARP on that link.
+    pub fn set_noarp(&mut self, index: u32, noarp: bool) -> Result<()> {
+        let mut msg = LinkMessage::default();
+        msg.header.index = index;
+        msg.header.flags = if noarp {
+            LinkFlags::Noarp
+        } else {
+            LinkFlags::empty()
+        };
+        msg.header.change_mask = LinkFlags::Noarp;
+        self.link_request(
+            index,
+            |link| format!("set arp {} on {link}", if noarp { "off" } else { "on" }),
+            RouteNetlinkMessage::SetLink(msg),
+            0,
+        )
+    }
+
+    /// Stops the kernel from giving link `index` IPv6 addresses of its own (`ip link set DEV
+    /// addrgenmode none`); takes effect when the link next comes up.
+    pub fn set_ipv6_addrgen_none(&mut self, index: u32) -> Result<()> {
+        let attr =
+            LinkAttribute::AfSpecUnspec(vec![AfSpecUnspec::Inet6(vec![AfSpecInet6::AddrGenMode(
+                In6AddrGenMode::None,
+            )])]);
+        self.set_link_attribute(index, attr, |link| {
+            format!("set addrgenmode none on {link}")
+        })
     }
 
     pub fn set_mtu(&mut self, index: u32, mtu: u32) -> Result<()> {

@@ -78,6 +78,9 @@ pub enum PlumbingError {
     AddAddress(NetlinkError),
     #[error(transparent)]
     LinkUp(NetlinkError),
+    /// Making the host end inert (`arp off`, `addrgenmode none`).
+    #[error(transparent)]
+    HostEnd(NetlinkError),
     #[error(transparent)]
     LoopbackUp(NetlinkError),
     #[error(transparent)]
@@ -160,7 +163,8 @@ pub fn remove_tap_endpoint(tap: Tap) {
 
 /// Creates a veth pair, `host_ifname` in the caller's namespace and `spec.ifname` straight in
 /// `ns`, configures the container end like a tap endpoint, turns tx checksum offload off on both
-/// ends, brings the host end up with the same MTU and opens an AF_PACKET socket on it. Any
+/// ends, brings the host end up with the same MTU (inert: no ARP, no IPv6 address) and opens an
+/// AF_PACKET socket on it. Any
 /// failure after the pair exists deletes it.
 pub fn create_veth_endpoint(
     ns: &NetNs,
@@ -194,6 +198,16 @@ pub fn create_veth_endpoint(
         })?;
         host.set_mtu(host_ifindex, spec.mtu)
             .map_err(PlumbingError::SetMtu)?;
+        // The host end is a wire, not a host interface: no ARP answers from the daemon's
+        // namespace, no IPv6 link-local address or router solicitations of its own.
+        host.set_noarp(host_ifindex, true)
+            .map_err(PlumbingError::HostEnd)?;
+        if let Err(e) = host.set_ipv6_addrgen_none(host_ifindex) {
+            // Only a kernel without IPv6 refuses; then there is nothing to silence.
+            if e.errno() != Some(libc::EAFNOSUPPORT) {
+                return Err(PlumbingError::HostEnd(e));
+            }
+        }
         host.set_up(host_ifindex).map_err(PlumbingError::LinkUp)?;
         run_in(ns, || {
             let mut nl = Netlink::open().map_err(PlumbingError::Netlink)?;

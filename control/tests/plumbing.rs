@@ -14,6 +14,7 @@ use switchyard_control::plumbing::{
     PlumbingError,
 };
 use switchyard_switch::backend::ethtool;
+use switchyard_switch::backend::packet::PacketSocket;
 
 const GW: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 1);
 const GW_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x77, 0x01];
@@ -447,7 +448,7 @@ fn veth_endpoint_configured_and_passes_frames() {
     );
     assert_eq!((who_has.1, who_has.2), (MAC, IP));
 
-    // What we write arrives: an ARP request gets answered, and we never read our own request.
+    // What we write arrives: an ARP request gets answered.
     let request = arp(1, GW_MAC, GW, [0; 6], IP);
     ep.socket.write(&request).unwrap();
     let mut own = 0;
@@ -457,7 +458,7 @@ fn veth_endpoint_configured_and_passes_frames() {
         |f| parse_arp(f).filter(|a| a.0 == 2 && a.2 == IP),
     );
     assert_eq!((reply.1, reply.3), (MAC, GW));
-    // Drain what else is queued for a moment: still none of our own writes.
+    // Drain what else is queued for a moment: none of our own writes.
     let until = Instant::now() + Duration::from_millis(200);
     let mut buf = [0u8; 2048];
     while Instant::now() < until {
@@ -467,6 +468,36 @@ fn veth_endpoint_configured_and_passes_frames() {
         }
     }
     assert_eq!(own, 0, "our own writes are not read back");
+
+    // Outgoing frames of *other* sockets on the interface (the kernel never loops a packet
+    // socket's own frames back to it anyway) are hidden too: by PACKET_IGNORE_OUTGOING, or on old
+    // kernels by filtering PACKET_OUTGOING on read. Two sockets, one per way, each writes once.
+    let mut fallback = run_in(&h.ns, || PacketSocket::open(ep.host_ifindex))
+        .unwrap()
+        .unwrap();
+    fallback.use_userspace_outgoing_filter().unwrap();
+    assert!(!fallback.kernel_ignores_outgoing());
+    let request = arp(1, GW_MAC, GW, [0; 6], IP);
+    fallback.write(&request).unwrap();
+    ep.socket.write(&request).unwrap();
+    let (mut own, mut replies) = ([0usize; 2], [0usize; 2]);
+    let until = Instant::now() + Duration::from_millis(300);
+    while Instant::now() < until {
+        let mut idle = true;
+        for (i, sock) in [&ep.socket, &fallback].into_iter().enumerate() {
+            if let Ok(n) = sock.read(&mut buf) {
+                idle = false;
+                own[i] += usize::from(&buf[..n] == request.as_slice());
+                replies[i] +=
+                    usize::from(parse_arp(&buf[..n]).is_some_and(|a| a.0 == 2 && a.2 == IP));
+            }
+        }
+        if idle {
+            thread::sleep(Duration::from_millis(5));
+        }
+    }
+    assert_eq!(own, [0, 0], "no socket reads frames leaving the interface");
+    assert_eq!(replies, [2, 2], "both read both ARP replies");
 
     // A UDP datagram written into the socket reaches a socket bound in the container.
     let rx = run_in(&c.ns, || UdpSocket::bind((IP, 0))).unwrap().unwrap();
@@ -479,6 +510,40 @@ fn veth_endpoint_configured_and_passes_frames() {
     let (n, from) = rx.recv_from(&mut buf).unwrap();
     assert_eq!(&buf[..n], b"via veth");
     assert_eq!(from, (GW, 4444).into());
+
+    // Unicast to the gateway's MAC (not the host end's) is read too: a datagram to the outside.
+    let outside = Ipv4Addr::new(192, 0, 2, 9);
+    rx.send_to(b"out via veth", (outside, 9999)).unwrap();
+    let got = wait_for(
+        |b| ep.socket.read(b),
+        |f| {
+            if let Some((1, _, _, target)) = parse_arp(f) {
+                if target == GW {
+                    ep.socket.write(&arp(2, GW_MAC, GW, MAC, IP)).unwrap();
+                }
+            }
+        },
+        |f| parse_udp(f, outside).map(|u| (f[0..6].to_vec(), u)),
+    );
+    assert_eq!(got.0, GW_MAC.to_vec());
+    assert_eq!(got.1, (9999, b"out via veth".to_vec()));
+
+    // The host end is inert: ARP off, no IPv6 address.
+    let out = std::process::Command::new("ip")
+        .args(["-n", &h.name, "-o", "addr", "show", "dev", "vy0"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "",
+        "no address on the host end"
+    );
+    let out = std::process::Command::new("ip")
+        .args(["-n", &h.name, "-o", "link", "show", "dev", "vy0"])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("NOARP"));
 
     // Removing the host end removes both; removing again is fine.
     run_in(&h.ns, || remove_veth("vy0")).unwrap().unwrap();

@@ -70,6 +70,15 @@ impl PacketSocket {
         Ok(socket::send(self.fd.as_raw_fd(), frame, MsgFlags::empty())?)
     }
 
+    /// Switches to the fallback for kernels without `PACKET_IGNORE_OUTGOING`: the kernel hands us
+    /// outgoing frames again and `read` drops them by their `PACKET_OUTGOING` type. For tests.
+    #[doc(hidden)]
+    pub fn use_userspace_outgoing_filter(&mut self) -> io::Result<()> {
+        set_int_opt(&self.fd, libc::SOL_PACKET, libc::PACKET_IGNORE_OUTGOING, 0)?;
+        self.filter_outgoing = true;
+        Ok(())
+    }
+
     /// Whether the kernel filters our outgoing frames (`PACKET_IGNORE_OUTGOING`) or we do.
     pub fn kernel_ignores_outgoing(&self) -> bool {
         !self.filter_outgoing
