@@ -591,3 +591,33 @@ fn first_free_ifname_skips_taken_names() {
     run_in(&h.ns, || remove_veth("vy0")).unwrap().unwrap();
     assert_eq!(first_free_ifname(&c.ns, "eth").unwrap(), "eth1");
 }
+
+#[test]
+fn tap_with_vnet_header_takes_offloads() {
+    if !root() {
+        return;
+    }
+    use switchyard_switch::backend::tap::{offload, Tap, VNET_HDR_LEN};
+    let c = TestNs::new();
+    let tap = run_in(&c.ns, || Tap::create("tap%d", true))
+        .unwrap()
+        .unwrap();
+    assert_eq!(tap.name(), "tap0", "the kernel fills in %d");
+    assert!(tap.vnet_hdr());
+    tap.set_vnet_hdr_size(VNET_HDR_LEN as i32).unwrap();
+    tap.set_offload(offload::CSUM | offload::TSO4 | offload::TSO6)
+        .unwrap();
+    // The tap's tx checksum/TSO features follow what the reader said it takes.
+    let tso = run_in(&c.ns, || {
+        ethtool::get_offload("tap0", ethtool::Offload::Tso).unwrap()
+    })
+    .unwrap();
+    assert!(tso, "TSO on once the reader takes TSO4/TSO6");
+    tap.set_offload(0).unwrap();
+    assert!(!run_in(&c.ns, || ethtool::tx_checksum("tap0").unwrap()).unwrap());
+    // A name already taken by a tap is EBUSY, never a second attachment.
+    let err = run_in(&c.ns, || Tap::create("tap0", true))
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EBUSY), "{err}");
+}
