@@ -25,7 +25,7 @@ use crate::ipam::{self, Ipv4Net, Pool};
 use crate::netns::NetNs;
 use crate::pipeline::Pipeline;
 use crate::plumbing::{self, EndpointSpec};
-use crate::proto::{self, EndpointInfo, EndpointType, NetworkInfo, Request, Response};
+use crate::proto::{self, Call, EndpointInfo, EndpointType, NetworkInfo, Response};
 use crate::spec::{PortMapping, Proto, PublishSpec};
 use crate::state::{self, EndpointRecord, Loaded, NetworkRecord, Persisted};
 
@@ -867,70 +867,52 @@ impl Daemon {
 
     // ---- dispatch ----
 
-    fn handle(&self, req: &Request) -> Result<Value> {
-        fn params<T: serde::de::DeserializeOwned>(v: &Value) -> Result<T> {
-            let v = if v.is_null() { json!({}) } else { v.clone() };
-            serde_json::from_value(v)
-                .map_err(|e| Error::bad_request(format!("invalid params: {e}")))
-        }
+    fn handle(&self, call: Call) -> Result<Value> {
         fn to<T: serde::Serialize>(v: T) -> Result<Value> {
             serde_json::to_value(v).map_err(|e| Error::internal(e.to_string()))
-        }
-        if req.v != proto::VERSION {
-            return Err(Error::bad_request(format!(
-                "unsupported protocol version {} (this daemon speaks {})",
-                req.v,
-                proto::VERSION
-            )));
         }
         if self.stopping.load(Ordering::SeqCst) {
             return Err(Error::unavailable("the daemon is shutting down"));
         }
-        match req.method.as_str() {
-            "version" => to(proto::Version {
+        match call {
+            Call::Version => to(proto::Version {
                 version: env!("CARGO_PKG_VERSION").into(),
                 protocol: proto::VERSION,
             }),
-            "network.create" => {
-                let p: proto::NetworkCreate = params(&req.params)?;
+            Call::NetworkCreate(p) => {
                 let mut st = self.lock();
                 let r = self.create_network(&mut st, p, None, None)?;
                 self.persist(&st);
                 to(r)
             }
-            "network.ls" => {
+            Call::NetworkLs => {
                 let st = self.lock();
                 to(st.networks.values().map(Network::info).collect::<Vec<_>>())
             }
-            "network.inspect" => {
-                let p: proto::NetworkName = params(&req.params)?;
+            Call::NetworkInspect(p) => {
                 let st = self.lock();
                 to(st.net(&p.name)?.info())
             }
-            "network.rm" => {
-                let p: proto::NetworkRm = params(&req.params)?;
+            Call::NetworkRm(p) => {
                 let mut st = self.lock();
                 let r = self.remove_network(&mut st, &p.name, p.force);
                 self.persist(&st);
                 r?;
                 to(json!({}))
             }
-            "endpoint.connect" => {
-                let p: proto::Connect = params(&req.params)?;
+            Call::Connect(p) => {
                 let mut st = self.lock();
                 let r = self.connect(&mut st, p, None)?;
                 self.persist(&st);
                 to(r)
             }
-            "endpoint.disconnect" => {
-                let p: proto::EndpointRef = params(&req.params)?;
+            Call::Disconnect(p) => {
                 let mut st = self.lock();
                 self.disconnect_endpoint(&mut st, &p.network, &p.name, "requested")?;
                 self.persist(&st);
                 to(json!({}))
             }
-            "port.publish" => {
-                let p: proto::Publish = params(&req.params)?;
+            Call::Publish(p) => {
                 if p.specs.is_empty() {
                     return Err(Error::invalid("give at least one port spec"));
                 }
@@ -939,15 +921,13 @@ impl Daemon {
                 self.persist(&st);
                 to(r)
             }
-            "port.unpublish" => {
-                let p: proto::Publish = params(&req.params)?;
+            Call::Unpublish(p) => {
                 let mut st = self.lock();
                 let r = self.unpublish(&mut st, p)?;
                 self.persist(&st);
                 to(r)
             }
-            "port.list" => {
-                let p: proto::EndpointRef = params(&req.params)?;
+            Call::PortList(p) => {
                 let st = self.lock();
                 let net = st.net(&p.network)?;
                 let ep = net.endpoints.get(&p.name).ok_or_else(|| {
@@ -958,17 +938,15 @@ impl Daemon {
                 })?;
                 to(ep.rec.ports.clone())
             }
-            "macs" => {
-                let p: proto::Macs = params(&req.params)?;
+            Call::Macs(p) => {
                 let st = self.lock();
                 to(self.macs(&st, p.network)?)
             }
-            "stats" => {
+            Call::Stats => {
                 let st = self.lock();
                 to(self.stats(&st)?)
             }
-            "conntrack" => self.conntrack(),
-            m => Err(Error::bad_request(format!("unknown method {m:?}"))),
+            Call::Conntrack => self.conntrack(),
         }
     }
 
@@ -990,29 +968,17 @@ impl Daemon {
                 Ok(n) => n,
             };
             let too_long = n > proto::MAX_REQUEST;
-            let resp = if too_long {
-                reply(
-                    0,
-                    Err(Error::bad_request(format!(
-                        "request larger than {} bytes",
-                        proto::MAX_REQUEST
-                    ))),
-                )
-            } else {
-                match serde_json::from_slice::<Request>(&line) {
-                    Ok(req) => {
-                        let r = self.handle(&req);
-                        if let Err(e) = &r {
-                            tracing::debug!(method = %req.method, "request failed: {e}");
-                        }
-                        reply(req.id, r)
+            let (id, call) = proto::decode(&line);
+            let resp = reply(
+                id,
+                call.and_then(|c| {
+                    let r = self.handle(c);
+                    if let Err(e) = &r {
+                        tracing::debug!("request failed: {e}");
                     }
-                    Err(e) => reply(
-                        0,
-                        Err(Error::bad_request(format!("malformed request: {e}"))),
-                    ),
-                }
-            };
+                    r
+                }),
+            );
             let mut out = serde_json::to_vec(&resp).unwrap_or_else(|_| b"{}".to_vec());
             out.push(b'\n');
             if wr.write_all(&out).and_then(|_| wr.flush()).is_err() || too_long {

@@ -218,8 +218,7 @@ pub fn run() -> Result<i32> {
     let echo = probe::serve_udp_echo(&nsh[1], 7777, 100);
     record(
         format!("c1 -> c2 {ip2}:7777: 100 UDP datagrams echoed"),
-        echo.map_err(|e| e)
-            .and_then(|_| probe::udp_echo(&nsh[0], ip2, 7777, 100))
+        echo.and_then(|_| probe::udp_echo(&nsh[0], ip2, 7777, 100))
             .map(|n| format!("{n}/100 echoed, content checked")),
     );
     let macs: Vec<MacEntry> = c.call("macs", json!({ "network": "demo" }))?;

@@ -212,3 +212,130 @@ pub struct Version {
     pub version: String,
     pub protocol: u32,
 }
+
+/// A request decoded into its typed call. Decoding is pure (the control fuzz target drives it):
+/// any bytes give a call or an error, never a panic.
+#[derive(Debug)]
+pub enum Call {
+    Version,
+    NetworkCreate(NetworkCreate),
+    NetworkLs,
+    NetworkInspect(NetworkName),
+    NetworkRm(NetworkRm),
+    Connect(Connect),
+    Disconnect(EndpointRef),
+    Publish(Publish),
+    Unpublish(Publish),
+    PortList(EndpointRef),
+    Macs(Macs),
+    Stats,
+    Conntrack,
+}
+
+fn params<T: serde::de::DeserializeOwned>(v: &serde_json::Value) -> Result<T, Error> {
+    let v = if v.is_null() {
+        serde_json::Value::Object(Default::default())
+    } else {
+        v.clone()
+    };
+    serde_json::from_value(v).map_err(|e| Error::bad_request(format!("invalid params: {e}")))
+}
+
+/// Decode one request line: size, JSON, version, method and parameter types are all checked.
+/// The id is returned whenever it could be read, so errors can still be matched to requests.
+pub fn decode(line: &[u8]) -> (u64, Result<Call, Error>) {
+    if line.len() > MAX_REQUEST {
+        return (
+            0,
+            Err(Error::bad_request(format!(
+                "request larger than {MAX_REQUEST} bytes"
+            ))),
+        );
+    }
+    let req: Request = match serde_json::from_slice(line) {
+        Ok(r) => r,
+        Err(e) => {
+            return (
+                0,
+                Err(Error::bad_request(format!("malformed request: {e}"))),
+            )
+        }
+    };
+    (req.id, decode_request(&req))
+}
+
+pub fn decode_request(req: &Request) -> Result<Call, Error> {
+    if req.v != VERSION {
+        return Err(Error::bad_request(format!(
+            "unsupported protocol version {} (this daemon speaks {VERSION})",
+            req.v
+        )));
+    }
+    let p = &req.params;
+    Ok(match req.method.as_str() {
+        "version" => Call::Version,
+        "network.create" => Call::NetworkCreate(params(p)?),
+        "network.ls" => Call::NetworkLs,
+        "network.inspect" => Call::NetworkInspect(params(p)?),
+        "network.rm" => Call::NetworkRm(params(p)?),
+        "endpoint.connect" => Call::Connect(params(p)?),
+        "endpoint.disconnect" => Call::Disconnect(params(p)?),
+        "port.publish" => Call::Publish(params(p)?),
+        "port.unpublish" => Call::Unpublish(params(p)?),
+        "port.list" => Call::PortList(params(p)?),
+        "macs" => Call::Macs(params(p)?),
+        "stats" => Call::Stats,
+        "conntrack" => Call::Conntrack,
+        m => return Err(Error::bad_request(format!("unknown method {m:?}"))),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::ErrorCode;
+
+    fn code(line: &str) -> Option<ErrorCode> {
+        decode(line.as_bytes()).1.err().map(|e| e.code)
+    }
+
+    #[test]
+    fn decodes_and_rejects() {
+        assert!(matches!(
+            decode(br#"{"v":1,"id":7,"method":"network.create","params":{"name":"n","subnet":"10.1.0.0/24"}}"#),
+            (7, Ok(Call::NetworkCreate(_)))
+        ));
+        assert!(matches!(
+            decode(br#"{"v":1,"method":"stats"}"#).1,
+            Ok(Call::Stats)
+        ));
+        assert_eq!(code("not json"), Some(ErrorCode::BadRequest));
+        assert_eq!(
+            code(r#"{"v":2,"method":"stats"}"#),
+            Some(ErrorCode::BadRequest)
+        );
+        assert_eq!(
+            code(r#"{"v":1,"method":"nope"}"#),
+            Some(ErrorCode::BadRequest)
+        );
+        assert_eq!(
+            code(r#"{"v":1,"method":"network.create","params":{"name":5}}"#),
+            Some(ErrorCode::BadRequest)
+        );
+        assert_eq!(
+            code(
+                r#"{"v":1,"method":"network.create","params":{"name":"x","subnet":"10.0.0.1/24"}}"#
+            ),
+            Some(ErrorCode::BadRequest)
+        );
+        assert_eq!(
+            code(r#"{"v":1,"method":"endpoint.connect","params":{"network":"x","bogus":1}}"#),
+            Some(ErrorCode::BadRequest)
+        );
+        let big = format!(
+            r#"{{"v":1,"method":"stats","pad":"{}"}}"#,
+            "x".repeat(MAX_REQUEST)
+        );
+        assert_eq!(code(&big), Some(ErrorCode::BadRequest));
+    }
+}
