@@ -14,8 +14,8 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration as StdDuration;
 
-use crate::nat_shim::{NetworkConfig, PortForward, Proto as NatProto, RouterConfig, UplinkConfig};
 use serde_json::{json, Value};
+use switchyard_nat::{NetworkConfig, PortForward, Proto as NatProto, RouterConfig, UplinkConfig};
 use switchyard_switch::mac_table::MacTableConfig;
 use switchyard_switch::{Duration, MacAddr, NetworkId, PortId, PortKind, SwitchConfig};
 

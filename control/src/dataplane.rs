@@ -12,10 +12,10 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration as StdDuration;
 
-use crate::nat_shim::RxMeta;
 use crossbeam_channel::{Receiver, Sender};
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Registry, Token, Waker};
+use switchyard_nat::RxMeta;
 use switchyard_switch::backend::packet::PacketSocket;
 use switchyard_switch::backend::tap::Tap;
 use switchyard_switch::{Instant, PortId};

@@ -8,7 +8,6 @@ pub mod dataplane;
 pub mod demo;
 pub mod error;
 pub mod ipam;
-pub mod nat_shim;
 pub mod netlink;
 pub mod netns;
 pub mod pipeline;

@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 
-use crate::nat_shim::{
+use switchyard_nat::{
     Egress as RouterEgress, Emits, Router, RouterConfig, RxMeta, Verdict as RouterVerdict,
 };
 use switchyard_switch::{
