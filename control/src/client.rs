@@ -57,16 +57,20 @@ impl Client {
         };
         let mut line = serde_json::to_vec(&req).map_err(|e| Error::internal(e.to_string()))?;
         line.push(b'\n');
-        self.wr
-            .write_all(&line)
-            .map_err(|e| Error::unavailable(format!("sending to the daemon: {e}")))?;
+        // A daemon that refuses us replies first and closes: read its reply even when the send
+        // failed, so the user sees why.
+        let sent = self.wr.write_all(&line);
         let mut buf = String::new();
-        let n = self
-            .rd
-            .read_line(&mut buf)
-            .map_err(|e| Error::unavailable(format!("reading the daemon's reply: {e}")))?;
-        if n == 0 {
-            return Err(Error::unavailable("the daemon closed the connection"));
+        let n = self.rd.read_line(&mut buf);
+        match (sent, n) {
+            (_, Ok(n)) if n > 0 => {}
+            (Err(e), _) => return Err(Error::unavailable(format!("sending to the daemon: {e}"))),
+            (Ok(()), Ok(_)) => return Err(Error::unavailable("the daemon closed the connection")),
+            (Ok(()), Err(e)) => {
+                return Err(Error::unavailable(format!(
+                    "reading the daemon's reply: {e}"
+                )))
+            }
         }
         let resp: Response = serde_json::from_str(&buf)
             .map_err(|e| Error::internal(format!("malformed reply from the daemon: {e}")))?;
