@@ -48,6 +48,7 @@ impl Ip4 {
 }
 
 /// Parse and validate an IPv4 header at the start of `pkt` (lengths, version, checksum).
+#[inline]
 pub fn parse_ip4(pkt: &[u8]) -> Result<Ip4, DropReason> {
     let p = Ipv4Packet::new_checked(pkt).map_err(|_| DropReason::Malformed)?;
     if p.version() != 4 {
@@ -97,6 +98,7 @@ pub enum L4Info {
 
 impl L4Info {
     /// The conntrack tuple of a packet with this transport view.
+    #[inline]
     pub fn tuple(&self, ip: &Ip4) -> Option<Tuple> {
         let (proto, sport, dport) = match *self {
             L4Info::Tcp { sport, dport, .. } => (L4::Tcp, sport, dport),
@@ -118,6 +120,7 @@ impl L4Info {
 /// Parse the transport header in `l4` (the IP payload). `verify`: check the L4 checksum (off
 /// for fragments and offloaded partial checksums). Only the first 8 bytes are needed when
 /// `truncated` (a header embedded in an ICMP error).
+#[inline]
 pub fn parse_l4(ip: &Ip4, l4: &[u8], verify: bool) -> Result<L4Info, DropReason> {
     match IpProtocol::from(ip.proto) {
         IpProtocol::Tcp => {
@@ -211,6 +214,7 @@ fn wr16(b: &mut [u8], at: usize, v: u16) {
 
 /// Rewrite the IPv4 source and destination of `pkt` (header at 0) and fix the header checksum.
 /// Returns the old addresses for the caller's L4 pseudo-header update.
+#[inline]
 fn set_addrs(pkt: &mut [u8], src: Ipv4Addr, dst: Ipv4Addr) -> (u32, u32) {
     let mut p = Ipv4Packet::new_unchecked(&mut pkt[..]);
     let (os, od) = (p.src_addr().to_bits(), p.dst_addr().to_bits());
@@ -228,6 +232,7 @@ fn set_addrs(pkt: &mut [u8], src: Ipv4Addr, dst: Ipv4Addr) -> (u32, u32) {
 }
 
 /// Decrement the TTL of the IPv4 header at 0 (caller checked it is > 1).
+#[inline]
 pub fn dec_ttl(pkt: &mut [u8]) {
     let old = rd16(pkt, 8);
     pkt[8] = pkt[8].wrapping_sub(1);
@@ -239,6 +244,7 @@ pub fn dec_ttl(pkt: &mut [u8]) {
 /// Rewrite a whole packet or a first fragment (IPv4 header at 0, `hlen` long) so it carries
 /// tuple `to`. Checksums are updated incrementally; `complete` recomputes the L4 checksum
 /// instead (offloaded partial checksum, or when the caller rewrote more).
+#[inline]
 pub fn rewrite(pkt: &mut [u8], ip: &Ip4, l4: &L4Info, to: &Tuple, complete: bool) {
     let (os, od) = set_addrs(pkt, to.src, to.dst);
     let (ns, nd) = (to.src.to_bits(), to.dst.to_bits());

@@ -38,9 +38,11 @@ pub(crate) struct Rx<'a> {
 }
 
 impl Rx<'_> {
+    #[inline]
     pub fn pkt(&self) -> &[u8] {
         &self.frame[ETH_LEN..]
     }
+    #[inline]
     pub fn l4(&self) -> &[u8] {
         &self.frame[ETH_LEN + self.ip.hlen..]
     }
@@ -297,6 +299,8 @@ impl Router {
         self.finish(v)
     }
 
+    #[inline]
+
     fn finish(&mut self, v: Verdict) -> Verdict {
         if let Verdict::Dropped(r) = v {
             self.counters.drop(r);
@@ -304,6 +308,8 @@ impl Router {
         self.sync_table_stats();
         v
     }
+
+    #[inline]
 
     fn sync_table_stats(&mut self) {
         let s = self.table.stats;
@@ -313,9 +319,13 @@ impl Router {
         self.counters.flows_removed = s.removed;
     }
 
+    #[inline]
+
     pub(crate) fn net(&self, id: NetworkId) -> Option<&NetworkConfig> {
         self.nets.iter().find(|n| n.id == id)
     }
+
+    #[inline]
 
     pub(crate) fn endpoint(&self, net: NetworkId, ip: Ipv4Addr) -> Option<MacAddr> {
         self.endpoints.get(&ep_key(net, ip)).copied()
@@ -457,6 +467,7 @@ impl Router {
     }
 
     /// Where a packet for `dst` leaves when it goes to `zone`.
+    #[inline]
     pub(crate) fn resolve(
         &mut self,
         zone: Zone,
@@ -496,6 +507,7 @@ impl Router {
 
     /// The checks every routed packet passes before it is rewritten: TTL, a way out, the MTU.
     /// `Err` carries the verdict (an ICMP error may have been sent).
+    #[inline]
     pub(crate) fn route_checks(
         &mut self,
         rx: &Rx,
@@ -551,6 +563,7 @@ impl Router {
     }
 
     /// Rewrite and send a packet of tracked connection `r` travelling in `dir`.
+    #[inline]
     pub(crate) fn forward(
         &mut self,
         rx: &Rx,
@@ -614,6 +627,7 @@ impl Router {
     }
 
     /// The frame just pushed goes out now, or waits for ARP on the uplink.
+    #[inline]
     pub(crate) fn finish_hop(&mut self, hop: Hop, now: Instant, out: &mut Emits) -> Verdict {
         if hop.dst_mac.is_some() {
             return Verdict::Forwarded;
@@ -630,6 +644,8 @@ impl Router {
         self.hold_for_arp(&up, hop.next_hop, frame, now, out)
     }
 
+    #[inline]
+
     fn count_translated(&mut self, kind: Kind, from: Zone, to: Zone) {
         if kind == Kind::Hairpin {
             self.counters.hairpinned += 1;
@@ -645,6 +661,8 @@ fn subnet_broadcast(n: &NetworkConfig) -> Ipv4Addr {
     Ipv4Addr::from_bits(n.subnet.to_bits() | !crate::config::mask(n.prefix_len))
 }
 
+#[inline]
+
 fn verify_l4(rx: &Rx) -> bool {
     !rx.meta.partial_csum && !rx.ip.is_fragment()
 }
@@ -659,12 +677,15 @@ pub(crate) fn frag_key(rx: &Rx) -> FragKey {
     }
 }
 
+#[inline]
+
 pub(crate) fn write_eth(buf: &mut [u8], dst: MacAddr, src: MacAddr) {
     buf[0..6].copy_from_slice(&dst.0);
     buf[6..12].copy_from_slice(&src.0);
 }
 
 /// Validate the IPv4 header of an Ethernet frame and trim the frame to the IP total length.
+#[inline]
 fn parse_rx(frame: &[u8], zone: Zone, meta: RxMeta, now: Instant) -> Result<Rx<'_>, DropReason> {
     let ip = packet::parse_ip4(&frame[ETH_LEN..])?;
     if ip.total < packet::MIN_IP {
