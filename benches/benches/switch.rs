@@ -1,7 +1,8 @@
 //! Switch core forwarding rate: 64-byte frames, 4,096 learned MACs across 64 ports, one core.
 //! Reported as elements (frames) per second.
 
-use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughput};
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use std::hint::black_box;
 use switchyard_switch::{
     Forward, Instant, MacAddr, NetworkId, PortId, PortKind, Switch, SwitchConfig,
 };

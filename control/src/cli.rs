@@ -77,6 +77,8 @@ pub enum Cmd {
     },
     /// Build a throw-away topology, run real traffic through it, print a summary.
     Demo,
+    /// Replay a capture through the in-memory pipeline (no daemon, no privileges).
+    Replay(crate::replay::ReplayArgs),
     #[command(hide = true, name = "__in-netns")]
     InNetns {
         path: String,
@@ -110,6 +112,9 @@ pub struct DaemonArgs {
     /// Most connections tracked at once.
     #[arg(long, default_value_t = 262_144)]
     pub conntrack_max: usize,
+    /// Override a conntrack timeout, e.g. `udp_unreplied=5` (repeatable).
+    #[arg(long = "conntrack-timeout", value_name = "NAME=SECS")]
+    pub conntrack_timeouts: Vec<String>,
     /// Log level (error, warn, info, debug, trace).
     #[arg(long, default_value = "info")]
     pub log_level: String,

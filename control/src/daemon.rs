@@ -51,6 +51,38 @@ pub struct DaemonConfig {
     pub uplink: Option<UplinkArgs>,
     pub mac_aging: StdDuration,
     pub conntrack_max: usize,
+    /// Conntrack timeouts overridden by name (`tcp_established`, `udp_unreplied`, ...).
+    pub conntrack_timeouts: Vec<(String, u64)>,
+}
+
+/// Apply `NAME=SECS` overrides to the conntrack timeouts.
+pub fn apply_timeouts(
+    c: &mut switchyard_nat::conntrack::ConntrackConfig,
+    t: &[(String, u64)],
+) -> Result<()> {
+    for (k, secs) in t {
+        let d = Duration::from_secs(*secs);
+        let slot = match k.as_str() {
+            "tcp_syn_sent" => &mut c.tcp_syn_sent,
+            "tcp_syn_recv" => &mut c.tcp_syn_recv,
+            "tcp_established" => &mut c.tcp_established,
+            "tcp_fin_wait" => &mut c.tcp_fin_wait,
+            "tcp_close_wait" => &mut c.tcp_close_wait,
+            "tcp_last_ack" => &mut c.tcp_last_ack,
+            "tcp_time_wait" => &mut c.tcp_time_wait,
+            "tcp_close" => &mut c.tcp_close,
+            "udp_unreplied" => &mut c.udp_unreplied,
+            "udp_assured" => &mut c.udp_assured,
+            "icmp" => &mut c.icmp,
+            other => {
+                return Err(Error::invalid(format!(
+                    "unknown conntrack timeout {other:?} (tcp_syn_sent, tcp_syn_recv, tcp_established, tcp_fin_wait, tcp_close_wait, tcp_last_ack, tcp_time_wait, tcp_close, udp_unreplied, udp_assured, icmp)"
+                )))
+            }
+        };
+        *slot = d;
+    }
+    Ok(())
 }
 
 struct Endpoint {
@@ -592,7 +624,7 @@ impl Daemon {
                 return Err(Error::internal(format!("{e:?}")));
             }
             for (i, f) in forwards.iter().enumerate() {
-                if let Err(e) = dp.pipeline.router.add_forward(f.clone()) {
+                if let Err(e) = dp.pipeline.router.add_forward(*f) {
                     for g in &forwards[..i] {
                         let _ = dp
                             .pipeline
@@ -699,7 +731,7 @@ impl Daemon {
         let fwd: Vec<PortForward> = new.iter().map(|m| forward_of(nid, ip, m)).collect();
         self.dp(move |dp| -> Result<()> {
             for (i, f) in fwd.iter().enumerate() {
-                if let Err(e) = dp.pipeline.router.add_forward(f.clone()) {
+                if let Err(e) = dp.pipeline.router.add_forward(*f) {
                     for g in &fwd[..i] {
                         let _ = dp
                             .pipeline
@@ -1226,23 +1258,29 @@ pub fn run(cfg: DaemonConfig) -> Result<()> {
     };
     let mut rcfg = RouterConfig::default();
     rcfg.conntrack.max = cfg.conntrack_max;
+    apply_timeouts(&mut rcfg.conntrack, &cfg.conntrack_timeouts)?;
+    // A per-run seed: port allocation and hashing are not predictable from outside.
+    rcfg.seed = u64::from_str_radix(&random_hex(8), 16).unwrap_or(rcfg.seed);
     let scfg = SwitchConfig {
         mac_table: MacTableConfig {
             aging: Duration::from_millis(cfg.mac_aging.as_millis() as u64),
             ..MacTableConfig::default()
         },
     };
-    let mut pipeline = Pipeline::new(scfg, rcfg);
-    if let (Some(u), Some(sock)) = (&cfg.uplink, &uplink_sock) {
-        let _ = sock;
-        pipeline.router.set_uplink(Some(UplinkConfig {
+    let mut uplink_cfg = None;
+    if let Some(u) = &cfg.uplink {
+        let (mac, mtu) = uplink_link(&u.iface)?;
+        rcfg.uplink_mtu = mtu;
+        uplink_cfg = Some(UplinkConfig {
             addr: u.addr,
             prefix_len: u.prefix_len,
-            mac: uplink_mac(&u.iface)?,
+            mac,
             gateway: u.gateway,
             gateway_mac: None,
-        }));
+        });
     }
+    let mut pipeline = Pipeline::new(scfg, rcfg);
+    pipeline.router.set_uplink(uplink_cfg);
     let dp = Dataplane::spawn(pipeline, uplink_sock)
         .map_err(|e| Error::system(format!("starting the dataplane: {e}")))?;
     let d = Arc::new(Daemon {
@@ -1330,11 +1368,23 @@ fn open_uplink(u: &UplinkArgs) -> Result<switchyard_switch::backend::packet::Pac
         .map_err(|e| Error::system(format!("opening uplink {}: {e}", u.iface)))
 }
 
-fn uplink_mac(iface: &str) -> Result<MacAddr> {
-    let p = format!("/sys/class/net/{iface}/address");
-    std::fs::read_to_string(&p)
-        .map_err(|e| Error::system(format!("reading {p}: {e}")))?
-        .trim()
-        .parse()
-        .map_err(|e: switchyard_switch::frame::ParseMacError| Error::system(e.to_string()))
+/// The uplink interface's MAC and MTU, and make sure it is up.
+fn uplink_link(iface: &str) -> Result<(MacAddr, usize)> {
+    let mut nl = crate::netlink::Netlink::open().map_err(|e| Error::system(e.to_string()))?;
+    let idx = nl
+        .link_index(iface)
+        .map_err(|e| Error::system(e.to_string()))?
+        .ok_or_else(|| Error::not_found(format!("uplink interface {iface} not found")))?;
+    let link = nl
+        .link(idx)
+        .map_err(|e| Error::system(e.to_string()))?
+        .ok_or_else(|| Error::not_found(format!("uplink interface {iface} not found")))?;
+    if !link.up {
+        nl.set_up(idx).map_err(|e| Error::system(e.to_string()))?;
+    }
+    let mac = link
+        .mac
+        .map(MacAddr)
+        .ok_or_else(|| Error::invalid(format!("uplink {iface} has no Ethernet address")))?;
+    Ok((mac, link.mtu.unwrap_or(1500) as usize))
 }

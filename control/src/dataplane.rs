@@ -29,7 +29,7 @@ const PORT_BASE: usize = 2;
 /// Frames read from one fd before the loop moves on to the next ready fd.
 const BATCH: usize = 64;
 /// Largest frame we read: a 65520-byte MTU plus Ethernet header and VLAN tag.
-const MAX_FRAME: usize = 65_536 + 18;
+const MAX_FRAME: usize = 65_536 + 18 + 4;
 /// How often MAC aging and conntrack expiry run when nothing else wakes the loop.
 const HOUSEKEEPING: StdDuration = StdDuration::from_millis(500);
 
@@ -40,10 +40,10 @@ pub enum PortIo {
 }
 
 impl PortIo {
-    fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
+    fn read(&self, buf: &mut [u8]) -> io::Result<(usize, RxMeta)> {
         match self {
-            PortIo::Tap(t) => t.read(buf),
-            PortIo::Packet(p) => p.read(buf),
+            PortIo::Tap(t) => Ok((t.read(buf)?, RxMeta::default())),
+            PortIo::Packet(p) => read_packet(p, buf),
         }
     }
     fn write(&self, frame: &[u8]) -> io::Result<usize> {
@@ -58,6 +58,16 @@ impl PortIo {
             PortIo::Packet(p) => p.as_raw_fd(),
         }
     }
+}
+
+fn read_packet(p: &PacketSocket, buf: &mut [u8]) -> io::Result<(usize, RxMeta)> {
+    let (n, info) = p.read_meta(buf)?;
+    Ok((
+        n,
+        RxMeta {
+            partial_csum: info.partial_csum,
+        },
+    ))
 }
 
 /// Uplink counters kept by the loop (the router counts the rest).
@@ -164,7 +174,7 @@ impl DpState {
             budget -= 1;
             let (r, port) = if token == UPLINK {
                 match uplink {
-                    Some(u) => (u.read(buf), None),
+                    Some(u) => (read_packet(u, buf), None),
                     None => break true,
                 }
             } else {
@@ -175,16 +185,16 @@ impl DpState {
                 }
             };
             match r {
-                Ok(n) => {
+                Ok((n, meta)) => {
                     let frame = &buf[..n];
                     match port {
                         Some(id) => {
-                            pipeline.from_port(id, frame, RxMeta::default(), now, &mut tx);
+                            pipeline.from_port(id, frame, meta, now, &mut tx);
                         }
                         None => {
                             rx_pk += 1;
                             rx_by += n as u64;
-                            pipeline.from_uplink(frame, RxMeta::default(), now, &mut tx);
+                            pipeline.from_uplink(frame, meta, now, &mut tx);
                         }
                     }
                 }

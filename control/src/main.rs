@@ -69,6 +69,19 @@ fn real_main(cli: Cli) -> Result<i32> {
                 uplink,
                 mac_aging: std::time::Duration::from_secs(a.mac_aging),
                 conntrack_max: a.conntrack_max,
+                conntrack_timeouts: a
+                    .conntrack_timeouts
+                    .iter()
+                    .map(|t| {
+                        t.split_once('=')
+                            .and_then(|(k, v)| Some((k.to_string(), v.parse::<u64>().ok()?)))
+                            .ok_or_else(|| {
+                                Error::invalid(format!(
+                                    "invalid --conntrack-timeout {t:?} (want NAME=SECS)"
+                                ))
+                            })
+                    })
+                    .collect::<Result<_>>()?,
             })?;
             Ok(0)
         }
@@ -77,6 +90,7 @@ fn real_main(cli: Cli) -> Result<i32> {
         Cmd::Run(a) => run::run(socket.unwrap_or_else(default_socket), a),
         Cmd::RunChild { cmd } => run::child(cmd),
         Cmd::Demo => demo::run(),
+        Cmd::Replay(a) => switchyard_control::replay::run(a),
         Cmd::InNetns { path, cmd } => demo::exec_in_netns(&path, &cmd),
         other => cli::simple(&socket, other),
     }

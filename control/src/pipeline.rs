@@ -6,13 +6,17 @@
 //! type, so what a capture does in replay is what the daemon does with it.
 
 use std::collections::HashMap;
+use std::net::Ipv4Addr;
 
 use switchyard_nat::{
-    Egress as RouterEgress, Emits, Router, RouterConfig, RxMeta, Verdict as RouterVerdict,
+    Egress as RouterEgress, Emits, NetworkConfig, PortForward, Router, RouterConfig, RxMeta,
+    Verdict as RouterVerdict,
 };
 use switchyard_switch::{
-    DropReason, Forward, Instant, NetworkId, PortId, PortKind, Switch, SwitchConfig,
+    DropReason, Forward, Instant, MacAddr, NetworkId, PortId, PortKind, Switch, SwitchConfig,
 };
+
+use crate::error::{Error, Result};
 
 /// Where the pipeline sends a frame.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -97,6 +101,76 @@ impl Pipeline {
 
     pub fn router_port(&self, net: NetworkId) -> Option<PortId> {
         self.router_ports.get(&net).copied()
+    }
+
+    /// Add a network the way the daemon does: the network in the switch and the router, and
+    /// its router port `router_port` with the gateway MAC as a static entry. All or nothing.
+    pub fn add_network(
+        &mut self,
+        cfg: NetworkConfig,
+        router_port: PortId,
+        now: Instant,
+    ) -> Result<()> {
+        self.switch
+            .add_network(cfg.id, cfg.mtu)
+            .map_err(|e| Error::conflict(e.to_string()))?;
+        if let Err(e) = self.router.add_network(cfg) {
+            let _ = self.switch.remove_network(cfg.id);
+            return Err(Error::invalid(e.to_string()));
+        }
+        let kind = PortKind::Router;
+        let mac = Some(cfg.gateway_mac);
+        if let Err(e) = self
+            .switch
+            .add_port(router_port, cfg.id, kind, mac, false, now)
+        {
+            let _ = self.router.remove_network(cfg.id);
+            let _ = self.switch.remove_network(cfg.id);
+            return Err(Error::conflict(e.to_string()));
+        }
+        self.set_router_port(cfg.id, Some(router_port));
+        Ok(())
+    }
+
+    /// Add an endpoint the way the daemon does: port `port` on `net` with `mac` as a static
+    /// entry, its address told to the router (which then never ARPs for it), and its published
+    /// ports (already expanded, one per host port). All or nothing.
+    pub fn add_endpoint(
+        &mut self,
+        port: PortId,
+        net: NetworkId,
+        ip: Ipv4Addr,
+        mac: MacAddr,
+        forwards: &[PortForward],
+        now: Instant,
+    ) -> Result<()> {
+        self.switch
+            .add_port(port, net, PortKind::Endpoint, Some(mac), false, now)
+            .map_err(|e| Error::conflict(e.to_string()))?;
+        let undo = |p: &mut Pipeline, added: &[PortForward]| {
+            for f in added {
+                let _ = p.router.remove_forward(f.proto, f.host_ip, f.host_port);
+            }
+            p.router.remove_endpoint(net, ip);
+            let _ = p.switch.remove_port(port);
+        };
+        if let Err(e) = self.router.add_endpoint(net, ip, mac) {
+            undo(self, &[]);
+            return Err(Error::invalid(e.to_string()));
+        }
+        for (i, f) in forwards.iter().enumerate() {
+            if let Err(e) = self.router.add_forward(*f) {
+                undo(self, &forwards[..i]);
+                return Err(Error::conflict(e.to_string()));
+            }
+        }
+        Ok(())
+    }
+
+    /// Housekeeping the daemon runs on a timer: MAC aging, conntrack and fragment expiry.
+    pub fn expire(&mut self, now: Instant) {
+        self.switch.expire(now);
+        self.router.expire(now);
     }
 
     /// A frame received on endpoint port `ingress`. `tx` writes a frame out and says whether it

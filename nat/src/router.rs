@@ -300,7 +300,6 @@ impl Router {
     }
 
     #[inline]
-
     fn finish(&mut self, v: Verdict) -> Verdict {
         if let Verdict::Dropped(r) = v {
             self.counters.drop(r);
@@ -310,7 +309,6 @@ impl Router {
     }
 
     #[inline]
-
     fn sync_table_stats(&mut self) {
         let s = self.table.stats;
         self.counters.flows_created = s.created;
@@ -320,13 +318,11 @@ impl Router {
     }
 
     #[inline]
-
     pub(crate) fn net(&self, id: NetworkId) -> Option<&NetworkConfig> {
         self.nets.iter().find(|n| n.id == id)
     }
 
     #[inline]
-
     pub(crate) fn endpoint(&self, net: NetworkId, ip: Ipv4Addr) -> Option<MacAddr> {
         self.endpoints.get(&ep_key(net, ip)).copied()
     }
@@ -645,7 +641,6 @@ impl Router {
     }
 
     #[inline]
-
     fn count_translated(&mut self, kind: Kind, from: Zone, to: Zone) {
         if kind == Kind::Hairpin {
             self.counters.hairpinned += 1;
@@ -662,7 +657,6 @@ fn subnet_broadcast(n: &NetworkConfig) -> Ipv4Addr {
 }
 
 #[inline]
-
 fn verify_l4(rx: &Rx) -> bool {
     !rx.meta.partial_csum && !rx.ip.is_fragment()
 }
@@ -678,7 +672,6 @@ pub(crate) fn frag_key(rx: &Rx) -> FragKey {
 }
 
 #[inline]
-
 pub(crate) fn write_eth(buf: &mut [u8], dst: MacAddr, src: MacAddr) {
     buf[0..6].copy_from_slice(&dst.0);
     buf[6..12].copy_from_slice(&src.0);

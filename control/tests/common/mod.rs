@@ -50,6 +50,13 @@ pub struct Container {
 impl Env {
     /// A daemon (with extra daemon arguments) in a fresh namespace.
     pub fn new(extra: &[&str]) -> Env {
+        let mut env = Env::prepare(extra);
+        env.start_daemon();
+        env
+    }
+
+    /// The daemon's namespace, made but with no daemon yet (for setting up an uplink first).
+    pub fn prepare(extra: &[&str]) -> Env {
         let tag = unique("sy-e");
         let dir = std::env::temp_dir().join(&tag);
         std::fs::create_dir_all(&dir).unwrap();
@@ -64,8 +71,33 @@ impl Env {
         };
         env.host = NetNs::create_named(&format!("{tag}-h")).expect("host netns");
         env.netns.push(format!("{tag}-h"));
-        env.start_daemon();
         env
+    }
+
+    /// An "outside" namespace joined to the daemon's namespace by a veth: `up0` on the daemon's
+    /// side (no address: the daemon owns 192.0.2.10 in userspace), 192.0.2.1/24 outside.
+    pub fn outside(&mut self) -> Container {
+        let ext = self.container("ext");
+        let host = NetNs::open(&self.host).unwrap();
+        let ext_fd = NetNs::open(&ext.path).unwrap();
+        switchyard_control::netns::run_in(&host, || {
+            use std::os::fd::AsFd;
+            let mut nl = switchyard_control::netlink::Netlink::open().unwrap();
+            nl.create_veth("up0", "up0-peer", Some(ext_fd.as_fd()))
+                .unwrap();
+            let i = nl.link_index("up0").unwrap().unwrap();
+            nl.set_up(i).unwrap();
+        })
+        .unwrap();
+        switchyard_control::netns::run_in(&ext.ns, || {
+            let mut nl = switchyard_control::netlink::Netlink::open().unwrap();
+            let i = nl.link_index("up0-peer").unwrap().unwrap();
+            nl.add_address(i, Ipv4Addr::new(192, 0, 2, 1), 24).unwrap();
+            nl.set_up(i).unwrap();
+            nl.set_up(1).unwrap();
+        })
+        .unwrap();
+        ext
     }
 
     pub fn start_daemon(&mut self) {

@@ -1,9 +1,9 @@
 //! Port backends: the only I/O in this crate. `memory` is a queue pair for tests, benches and
 //! replay; `tap` and `packet` wrap the kernel interfaces a container endpoint is made of.
 
-pub mod memory;
 #[allow(unsafe_code)]
 pub mod ethtool;
+pub mod memory;
 #[allow(unsafe_code)]
 pub mod packet;
 #[allow(unsafe_code)]

@@ -38,6 +38,8 @@ impl PacketSocket {
         set_buffers(&fd);
         let filter_outgoing =
             set_int_opt(&fd, libc::SOL_PACKET, libc::PACKET_IGNORE_OUTGOING, 1).is_err();
+        // Per-frame metadata for `read_meta`: checksum state and the VLAN tag the kernel strips.
+        set_int_opt(&fd, libc::SOL_PACKET, libc::PACKET_AUXDATA, 1)?;
         bind_ifindex(&fd, ifindex)?;
         Ok(PacketSocket {
             fd,
@@ -65,6 +67,39 @@ impl PacketSocket {
         }
     }
 
+    /// Reads one received frame with its metadata: whether its L4 checksum is still partial
+    /// (checksum offload on the sending side, `TP_STATUS_CSUMNOTREADY`), and with the VLAN tag
+    /// the kernel took off put back in place, so tagged frames cross the switch unchanged.
+    /// `buf` needs 4 bytes of room beyond the largest frame for that tag.
+    pub fn read_meta(&self, buf: &mut [u8]) -> io::Result<(usize, RxInfo)> {
+        loop {
+            let cap = buf.len().saturating_sub(4);
+            let (n, pkttype, aux) = recvmsg_aux(&self.fd, &mut buf[..cap])?;
+            if self.filter_outgoing && pkttype == Some(libc::PACKET_OUTGOING) {
+                continue;
+            }
+            let mut info = RxInfo::default();
+            let mut n = n;
+            if let Some(aux) = aux {
+                info.partial_csum = aux.tp_status & libc::TP_STATUS_CSUMNOTREADY != 0;
+                if aux.tp_status & libc::TP_STATUS_VLAN_VALID != 0 && n >= 12 {
+                    let tpid = if aux.tp_status & libc::TP_STATUS_VLAN_TPID_VALID != 0
+                        && aux.tp_vlan_tpid != 0
+                    {
+                        aux.tp_vlan_tpid
+                    } else {
+                        0x8100
+                    };
+                    buf.copy_within(12..n, 16);
+                    buf[12..14].copy_from_slice(&tpid.to_be_bytes());
+                    buf[14..16].copy_from_slice(&aux.tp_vlan_tci.to_be_bytes());
+                    n += 4;
+                }
+            }
+            return Ok((n, info));
+        }
+    }
+
     /// Sends one frame out of the interface; `WouldBlock` when the socket buffer is full.
     pub fn write(&self, frame: &[u8]) -> io::Result<usize> {
         Ok(socket::send(self.fd.as_raw_fd(), frame, MsgFlags::empty())?)
@@ -83,6 +118,67 @@ impl PacketSocket {
     pub fn kernel_ignores_outgoing(&self) -> bool {
         !self.filter_outgoing
     }
+}
+
+/// Metadata of a received frame.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RxInfo {
+    /// The L4 checksum holds only the pseudo-header sum: the sender offloaded it.
+    pub partial_csum: bool,
+}
+
+/// `recvmsg` with room for one `PACKET_AUXDATA` control message. Returns the length, the
+/// packet type from the source address, and the aux data when the kernel sent it.
+fn recvmsg_aux(
+    fd: &OwnedFd,
+    buf: &mut [u8],
+) -> io::Result<(usize, Option<u8>, Option<libc::tpacket_auxdata>)> {
+    // Room for one cmsg carrying a tpacket_auxdata, u64-aligned as cmsg headers require.
+    let mut control = [0u64; 8];
+    // SAFETY: sockaddr_ll is plain old data; all-zero bytes are a valid value.
+    let mut from: libc::sockaddr_ll = unsafe { mem::zeroed() };
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    // SAFETY: msghdr is plain old data; all-zero bytes are a valid value.
+    let mut msg: libc::msghdr = unsafe { mem::zeroed() };
+    msg.msg_name = (&mut from as *mut libc::sockaddr_ll).cast();
+    msg.msg_namelen = mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t;
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = mem::size_of_val(&control) as _;
+    // SAFETY: every pointer in `msg` points at a live local (`from`, `iov` -> `buf`, `control`)
+    // with the size given next to it; the kernel writes at most those sizes.
+    let n = unsafe { libc::recvmsg(fd.as_raw_fd(), &mut msg, libc::MSG_TRUNC) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // MSG_TRUNC makes recvmsg return the real length; a frame larger than `buf` is cut.
+    let n = (n as usize).min(buf.len());
+    let pkttype = (msg.msg_namelen as usize >= mem::size_of::<libc::sockaddr_ll>())
+        .then_some(from.sll_pkttype);
+    let mut aux = None;
+    // SAFETY: `msg` was filled by recvmsg; CMSG_FIRSTHDR/CMSG_NXTHDR stay within
+    // msg_control/msg_controllen, and we read a tpacket_auxdata only from a cmsg of that type
+    // whose length covers it (read_unaligned: CMSG_DATA carries no alignment promise).
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(&msg);
+        while !c.is_null() {
+            if (*c).cmsg_level == libc::SOL_PACKET
+                && (*c).cmsg_type == libc::PACKET_AUXDATA
+                && (*c).cmsg_len as usize
+                    >= libc::CMSG_LEN(mem::size_of::<libc::tpacket_auxdata>() as u32) as usize
+            {
+                aux = Some(std::ptr::read_unaligned(
+                    libc::CMSG_DATA(c).cast::<libc::tpacket_auxdata>(),
+                ));
+            }
+            c = libc::CMSG_NXTHDR(&msg, c);
+        }
+    }
+    Ok((n, pkttype, aux))
 }
 
 /// Bigger buffers, best effort: the forcing variants need CAP_NET_ADMIN, the plain ones are capped
