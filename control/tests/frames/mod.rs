@@ -82,7 +82,10 @@ pub fn ipv4_with(dst: Mac, src: Mac, sip: Ip, dip: Ip, proto: u8, o: IpOpts, l4:
 /// Compute the TCP/UDP/ICMP checksum of an unfragmented IPv4 frame.
 pub fn fill_l4(mut f: Vec<u8>) -> Vec<u8> {
     let mut ip = Ipv4Packet::new_unchecked(&mut f[14..]);
-    let (s, d) = (IpAddress::Ipv4(ip.src_addr()), IpAddress::Ipv4(ip.dst_addr()));
+    let (s, d) = (
+        IpAddress::Ipv4(ip.src_addr()),
+        IpAddress::Ipv4(ip.dst_addr()),
+    );
     match ip.next_header() {
         IpProtocol::Tcp => TcpPacket::new_unchecked(ip.payload_mut()).fill_checksum(&s, &d),
         IpProtocol::Udp => UdpPacket::new_unchecked(ip.payload_mut()).fill_checksum(&s, &d),
@@ -180,7 +183,10 @@ pub fn seen(f: &[u8]) -> Seen {
     assert_eq!(e.ethertype(), EthernetProtocol::Ipv4, "not IPv4");
     let ip = Ipv4Packet::new_checked(e.payload()).expect("ipv4");
     assert!(ip.verify_checksum(), "IPv4 header checksum");
-    let (s, d) = (IpAddress::Ipv4(ip.src_addr()), IpAddress::Ipv4(ip.dst_addr()));
+    let (s, d) = (
+        IpAddress::Ipv4(ip.src_addr()),
+        IpAddress::Ipv4(ip.dst_addr()),
+    );
     let whole = !ip.more_frags() && ip.frag_offset() == 0;
     let (sport, dport, kind) = match ip.next_header() {
         IpProtocol::Tcp => {
