@@ -75,6 +75,17 @@ pub enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Copy an endpoint's traffic (both directions) as pcap.
+    Capture {
+        network: String,
+        name: String,
+        /// Write the pcap here (`-` for stdout); without it a summary line per frame is printed.
+        #[arg(short = 'w')]
+        write: Option<PathBuf>,
+        /// Stop after this many frames.
+        #[arg(short = 'c')]
+        count: Option<u64>,
+    },
     /// Build a throw-away topology, run real traffic through it, print a summary.
     Demo,
     /// Replay a capture through the in-memory pipeline (no daemon, no privileges).

@@ -979,6 +979,9 @@ impl Daemon {
                 to(self.stats(&st)?)
             }
             Call::Conntrack => self.conntrack(),
+            Call::Capture(_) => Err(Error::bad_request(
+                "capture streams: it is served by `serve`",
+            )),
         }
     }
 
@@ -1001,6 +1004,11 @@ impl Daemon {
             };
             let too_long = n > proto::MAX_REQUEST;
             let (id, call) = proto::decode(&line);
+            if let Ok(Call::Capture(p)) = call {
+                // The connection becomes the capture stream; it ends when the client goes.
+                self.stream_capture(id, p, &mut wr, rd.get_ref());
+                return;
+            }
             let resp = reply(
                 id,
                 call.and_then(|c| {
@@ -1017,6 +1025,79 @@ impl Daemon {
                 return;
             }
         }
+    }
+
+    /// `capture`: reply, then stream records until the client leaves or the endpoint goes.
+    fn stream_capture(
+        &self,
+        id: u64,
+        p: proto::EndpointRef,
+        wr: &mut impl Write,
+        peer: &UnixStream,
+    ) {
+        let port = {
+            let st = self.lock();
+            st.net(&p.network).and_then(|n| {
+                n.endpoints.get(&p.name).map(|e| e.port).ok_or_else(|| {
+                    Error::not_found(format!(
+                        "endpoint {:?} not found on network {:?}",
+                        p.name, p.network
+                    ))
+                })
+            })
+        };
+        let started = port.and_then(|port| self.dp(move |dp| dp.add_capture(port)));
+        let (cid, rx) = match started {
+            Ok(x) => x,
+            Err(e) => {
+                let r = reply(id, Err(e));
+                let _ = writeln!(wr, "{}", serde_json::to_string(&r).unwrap_or_default());
+                let _ = wr.flush();
+                return;
+            }
+        };
+        tracing::info!(network = %p.network, endpoint = %p.name, "capture started");
+        let ok = reply(id, Ok(json!({ "network": p.network, "name": p.name })));
+        let mut alive = writeln!(wr, "{}", serde_json::to_string(&ok).unwrap_or_default())
+            .and_then(|_| wr.flush())
+            .is_ok();
+        let mut rec = Vec::with_capacity(2048);
+        while alive && !self.stopping.load(Ordering::SeqCst) {
+            match rx.recv_timeout(StdDuration::from_millis(500)) {
+                Ok(c) => {
+                    rec.clear();
+                    rec.push(match c.dir {
+                        crate::dataplane::Direction::FromContainer => 0,
+                        crate::dataplane::Direction::ToContainer => 1,
+                    });
+                    rec.extend_from_slice(&c.micros.to_le_bytes());
+                    rec.extend_from_slice(&(c.frame.len() as u32).to_le_bytes());
+                    rec.extend_from_slice(&c.frame);
+                    alive = wr.write_all(&rec).is_ok();
+                    if rx.is_empty() {
+                        alive = alive && wr.flush().is_ok();
+                    }
+                }
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                    // Notice a client that went away while nothing was captured.
+                    use nix::sys::socket::{recv, MsgFlags};
+                    use std::os::fd::AsRawFd;
+                    let mut b = [0u8; 1];
+                    alive = wr.flush().is_ok()
+                        && !matches!(
+                            recv(
+                                peer.as_raw_fd(),
+                                &mut b,
+                                MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT
+                            ),
+                            Ok(0)
+                        );
+                }
+                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break,
+            }
+        }
+        let _ = self.dp(move |dp| dp.remove_capture(cid));
+        tracing::info!(network = %p.network, endpoint = %p.name, "capture ended");
     }
 
     /// Remove endpoints whose namespace went away (container exited, netns unmounted).

@@ -80,12 +80,71 @@ pub struct UplinkCounters {
     pub tx_failed: u64,
 }
 
+/// Which way a captured frame went, seen from the container.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Direction {
+    /// Sent by the container (read from the port).
+    FromContainer,
+    /// Delivered to the container (written to the port).
+    ToContainer,
+}
+
+/// One captured frame.
+pub struct Captured {
+    pub dir: Direction,
+    /// Wall-clock time, microseconds since the Unix epoch.
+    pub micros: u64,
+    pub frame: Vec<u8>,
+}
+
+/// Copies of a port's traffic for `switchyard capture`. The queue is bounded and filled with
+/// `try_send`: a slow reader loses copies, the dataplane never waits.
+pub const CAPTURE_QUEUE: usize = 4096;
+
+#[derive(Default)]
+struct Captures {
+    next_id: u64,
+    list: Vec<(u64, PortId, Sender<Captured>)>,
+    /// Copies not queued because a reader was behind.
+    dropped: std::cell::Cell<u64>,
+}
+
+impl Captures {
+    #[inline]
+    fn copy(&self, port: PortId, dir: Direction, frame: &[u8]) {
+        if self.list.is_empty() {
+            return;
+        }
+        let mut micros = None;
+        for (_, p, tx) in &self.list {
+            if *p != port {
+                continue;
+            }
+            let m = *micros.get_or_insert_with(|| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_micros() as u64)
+                    .unwrap_or(0)
+            });
+            let c = Captured {
+                dir,
+                micros: m,
+                frame: frame.to_vec(),
+            };
+            if tx.try_send(c).is_err() {
+                self.dropped.set(self.dropped.get() + 1);
+            }
+        }
+    }
+}
+
 /// Everything the dataplane thread owns. Jobs from the control thread get `&mut` to it.
 pub struct DpState {
     pub pipeline: Pipeline,
     ports: Vec<Option<PortIo>>,
     uplink: Option<PacketSocket>,
     pub uplink_counters: UplinkCounters,
+    captures: Captures,
     registry: Registry,
     start: std::time::Instant,
 }
@@ -112,8 +171,27 @@ impl DpState {
         Ok(())
     }
 
+    /// Start copying port `id`'s traffic; the receiver ends when the port goes.
+    pub fn add_capture(&mut self, id: PortId) -> (u64, Receiver<Captured>) {
+        let (tx, rx) = crossbeam_channel::bounded(CAPTURE_QUEUE);
+        self.captures.next_id += 1;
+        let cid = self.captures.next_id;
+        self.captures.list.push((cid, id, tx));
+        (cid, rx)
+    }
+
+    pub fn remove_capture(&mut self, cid: u64) {
+        self.captures.list.retain(|(c, _, _)| *c != cid);
+    }
+
+    /// Copies lost because a capture reader was too slow.
+    pub fn capture_drops(&self) -> u64 {
+        self.captures.dropped.get()
+    }
+
     /// Stop polling port `id` and hand its fd back (dropping it closes a tap).
     pub fn detach(&mut self, id: PortId) -> Option<PortIo> {
+        self.captures.list.retain(|(_, p, _)| *p != id);
         let io = self.ports.get_mut(id.0 as usize)?.take()?;
         let fd = io.raw_fd();
         if let Err(e) = self.registry.deregister(&mut SourceFd(&fd)) {
@@ -141,15 +219,25 @@ impl DpState {
             ports,
             uplink,
             uplink_counters: up,
+            captures,
             ..
         } = self;
+        let captures = &*captures;
+        // Captures are copied outside the tx closure's borrow: note them, copy after.
+        let capturing = !captures.list.is_empty();
         let (ports, uplink) = (&*ports, uplink.as_ref());
         let (mut tx_pk, mut tx_by, mut tx_fail, mut rx_pk, mut rx_by) =
             (0u64, 0u64, 0u64, 0u64, 0u64);
         let mut tx = |out: Out, frame: &[u8]| -> bool {
             let r = match out {
                 Out::Port(p) => match ports.get(p.0 as usize).and_then(Option::as_ref) {
-                    Some(io) => io.write(frame),
+                    Some(io) => {
+                        let r = io.write(frame);
+                        if capturing && r.is_ok() {
+                            captures.copy(p, Direction::ToContainer, frame);
+                        }
+                        r
+                    }
                     None => return false,
                 },
                 Out::Uplink => {
@@ -189,6 +277,9 @@ impl DpState {
                     let frame = &buf[..n];
                     match port {
                         Some(id) => {
+                            if capturing {
+                                captures.copy(id, Direction::FromContainer, frame);
+                            }
                             pipeline.from_port(id, frame, meta, now, &mut tx);
                         }
                         None => {
@@ -294,6 +385,7 @@ impl Dataplane {
             ports: Vec::new(),
             uplink,
             uplink_counters: UplinkCounters::default(),
+            captures: Captures::default(),
             registry,
             start: std::time::Instant::now(),
         };

@@ -19,3 +19,4 @@ pub mod run;
 pub mod spec;
 pub mod state;
 pub mod topology;
+pub mod capture;

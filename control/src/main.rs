@@ -90,6 +90,18 @@ fn real_main(cli: Cli) -> Result<i32> {
         Cmd::Run(a) => run::run(socket.unwrap_or_else(default_socket), a),
         Cmd::RunChild { cmd } => run::child(cmd),
         Cmd::Demo => demo::run(),
+        Cmd::Capture {
+            network,
+            name,
+            write,
+            count,
+        } => switchyard_control::capture::run(
+            &socket.unwrap_or_else(default_socket),
+            &network,
+            &name,
+            write.as_deref(),
+            count,
+        ),
         Cmd::Replay(a) => switchyard_control::replay::run(a),
         Cmd::InNetns { path, cmd } => demo::exec_in_netns(&path, &cmd),
         other => cli::simple(&socket, other),

@@ -129,6 +129,11 @@ pub struct Macs {
     pub network: Option<String>,
 }
 
+/// Header of one captured frame in a `capture` stream, after the JSON reply line:
+/// direction (0: sent by the container, 1: delivered to it), wall-clock microseconds since the
+/// Unix epoch (little endian), frame length (little endian), then the frame.
+pub const CAPTURE_RECORD_HEADER: usize = 1 + 8 + 4;
+
 // ---- results ----
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -230,6 +235,8 @@ pub enum Call {
     Macs(Macs),
     Stats,
     Conntrack,
+    /// Streams a copy of an endpoint's traffic: see docs/protocol.md.
+    Capture(EndpointRef),
 }
 
 fn params<T: serde::de::DeserializeOwned>(v: &serde_json::Value) -> Result<T, Error> {
@@ -286,6 +293,7 @@ pub fn decode_request(req: &Request) -> Result<Call, Error> {
         "macs" => Call::Macs(params(p)?),
         "stats" => Call::Stats,
         "conntrack" => Call::Conntrack,
+        "capture" => Call::Capture(params(p)?),
         m => return Err(Error::bad_request(format!("unknown method {m:?}"))),
     })
 }

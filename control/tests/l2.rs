@@ -299,3 +299,67 @@ fn daemon_survives_a_burst_of_malformed_frames() {
         "multicast/zero sources dropped and counted: {stats}"
     );
 }
+
+#[test]
+fn capture_writes_a_pcap_that_tcpdump_reads() {
+    if !root() {
+        return;
+    }
+    let mut env = Env::new(&[]);
+    env.ok(&["network", "create", "mynet", "--subnet", "10.77.0.0/24"]);
+    let (c1, c2) = (env.container("c1"), env.container("c2"));
+    let e1 = env.connect("mynet", &c1, &[]);
+    let e2 = env.connect("mynet", &c2, &["--type", "veth"]);
+    let file = env.dir.join("c1.pcap");
+    let mut cap = std::process::Command::new(BIN)
+        .arg("--socket")
+        .arg(&env.socket)
+        .args(["capture", "mynet", "c1", "-c", "20", "-w"])
+        .arg(&file)
+        .spawn()
+        .unwrap();
+    // Wait until the daemon has the capture running.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !env.log().contains("capture started") {
+        assert!(Instant::now() < deadline, "capture did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // 10 echo requests and 10 replies (ARP is already resolved by a first ping).
+    probe::ping(&c1.ns, ip_of(&e2), 1, T).unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while cap.try_wait().unwrap().is_none() {
+        let _ = probe::ping(&c1.ns, ip_of(&e2), 1, T);
+        assert!(Instant::now() < deadline, "capture never reached 20 frames");
+    }
+    // Our own reader: every frame is c1's, both directions present.
+    let mut r = pcap_file::pcap::PcapReader::new(std::fs::File::open(&file).unwrap()).unwrap();
+    let mac1 = mac_bytes(&e1);
+    let mut frames: Vec<Vec<u8>> = Vec::new();
+    while let Some(p) = r.next_packet() {
+        frames.push(p.unwrap().data.into_owned());
+    }
+    assert_eq!(frames.len(), 20);
+    assert!(frames.iter().all(|f| f[0..6] == mac1 || f[6..12] == mac1));
+    assert!(frames.iter().any(|f| f[6..12] == mac1) && frames.iter().any(|f| f[0..6] == mac1));
+    // tcpdump reads it too.
+    let o = std::process::Command::new("tcpdump")
+        .args(["-nr"])
+        .arg(&file)
+        .output();
+    match o {
+        Ok(o) => {
+            let text = String::from_utf8_lossy(&o.stdout);
+            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+            assert!(
+                text.contains("ICMP echo request") && text.contains("ICMP echo reply"),
+                "{text}"
+            );
+        }
+        Err(e) => panic!("tcpdump is needed for this test (.ci/run installs it): {e}"),
+    }
+    // A capture of an unknown endpoint is a clear error.
+    assert!(env
+        .err(&["capture", "mynet", "nope", "-c", "1"])
+        .contains("not found"));
+}
