@@ -609,7 +609,45 @@ impl Daemon {
             }
         };
         let forwards: Vec<PortForward> = mappings.iter().map(|m| forward_of(nid, ip, m)).collect();
-        let r = self.dp(move |dp| -> Result<()> {
+        let r = self.attach_port(nid, port, mac, ip, forwards, io);
+        if let Err(e) = r {
+            release(st);
+            if let Some(h) = &host_ifname {
+                let _ = plumbing::remove_veth(h);
+            }
+            return Err(e);
+        }
+        let rec = EndpointRecord {
+            name: name.clone(),
+            ip,
+            mac,
+            netns: netns_path,
+            pid,
+            ns_inode,
+            ifname,
+            kind,
+            host_ifname,
+            ports: mappings,
+        };
+        let net = st.net_mut(&p.network)?;
+        net.endpoints.insert(name.clone(), Endpoint { rec, port });
+        let info = net.endpoint_info(&net.endpoints[&name]);
+        tracing::info!(network = %p.network, endpoint = %name, %ip, %mac, kind = %kind, network_id = %&net_id[..12], "endpoint connected");
+        Ok(info)
+    }
+
+    /// Put an endpoint's port on the switch, its address and forwards in the router, and its fd
+    /// in the dataplane's poll set; all or nothing.
+    pub(crate) fn attach_port(
+        &self,
+        nid: NetworkId,
+        port: PortId,
+        mac: MacAddr,
+        ip: Ipv4Addr,
+        forwards: Vec<PortForward>,
+        io: PortIo,
+    ) -> Result<()> {
+        self.dp(move |dp| -> Result<()> {
             let now = dp.now();
             dp.pipeline
                 .switch
@@ -640,31 +678,7 @@ impl Daemon {
                 return Err(Error::system(format!("polling the endpoint: {e}")));
             }
             Ok(())
-        });
-        if let Err(e) = r.and_then(|r| r) {
-            release(st);
-            if let Some(h) = &host_ifname {
-                let _ = plumbing::remove_veth(h);
-            }
-            return Err(e);
-        }
-        let rec = EndpointRecord {
-            name: name.clone(),
-            ip,
-            mac,
-            netns: netns_path,
-            pid,
-            ns_inode,
-            ifname,
-            kind,
-            host_ifname,
-            ports: mappings,
-        };
-        let net = st.net_mut(&p.network)?;
-        net.endpoints.insert(name.clone(), Endpoint { rec, port });
-        let info = net.endpoint_info(&net.endpoints[&name]);
-        tracing::info!(network = %p.network, endpoint = %name, %ip, %mac, kind = %kind, network_id = %&net_id[..12], "endpoint connected");
-        Ok(info)
+        })?
     }
 
     fn disconnect_endpoint(
