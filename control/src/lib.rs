@@ -1,6 +1,7 @@
 //! switchyard's control plane as a library: the `switchyard` binary and the integration tests
 //! build on it.
 
+pub mod capture;
 pub mod cli;
 pub mod client;
 pub mod daemon;
@@ -19,4 +20,3 @@ pub mod run;
 pub mod spec;
 pub mod state;
 pub mod topology;
-pub mod capture;
