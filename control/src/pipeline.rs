@@ -78,6 +78,8 @@ pub struct Pipeline {
     router_ports: HashMap<NetworkId, PortId>,
     emits: Emits,
     flood: Vec<PortId>,
+    /// Bare IPv4 packets for the host-socket uplink from the last top-level call (host mode).
+    host: Emits,
 }
 
 impl Pipeline {
@@ -88,6 +90,7 @@ impl Pipeline {
             router_ports: HashMap::new(),
             emits: Emits::new(),
             flood: Vec::new(),
+            host: Emits::new(),
         }
     }
 
@@ -174,8 +177,48 @@ impl Pipeline {
     }
 
     /// A frame received on endpoint port `ingress`. `tx` writes a frame out and says whether it
-    /// was taken; refusals are counted as `TxFailed` on the egress port.
+    /// was taken; refusals are counted as `TxFailed` on the egress port. Packets for the host
+    /// uplink (host mode) are kept for [`Self::host_packets`] until the next call.
     pub fn from_port(
+        &mut self,
+        ingress: PortId,
+        frame: &[u8],
+        meta: RxMeta,
+        now: Instant,
+        tx: &mut dyn FnMut(Out, &[u8]) -> bool,
+    ) -> Verdict {
+        self.host.clear();
+        self.port_rx(ingress, frame, meta, now, tx)
+    }
+
+    /// Turn host mode on or off: with no raw uplink, traffic to outside addresses is handed to
+    /// the caller through [`Self::host_packets`] instead of dropped.
+    pub fn set_host_uplink(&mut self, on: bool) {
+        self.router.set_host_uplink(on);
+    }
+
+    /// The bare IPv4 packets the last `from_port`/`from_uplink` call produced for the host uplink.
+    pub fn host_packets(&self) -> impl Iterator<Item = &[u8]> {
+        self.host.iter().map(|(_, p)| p)
+    }
+
+    /// An IPv4 packet from the host uplink for a container: framed by the router and delivered
+    /// through the container's network.
+    pub fn from_host(
+        &mut self,
+        packet: &[u8],
+        now: Instant,
+        tx: &mut dyn FnMut(Out, &[u8]) -> bool,
+    ) -> Verdict {
+        let mut emits = std::mem::take(&mut self.emits);
+        emits.clear();
+        let v = self.router.inject_from_host(packet, now, &mut emits);
+        self.deliver(&emits, now, tx);
+        self.emits = emits;
+        from_router(v)
+    }
+
+    fn port_rx(
         &mut self,
         ingress: PortId,
         frame: &[u8],
@@ -210,6 +253,7 @@ impl Pipeline {
         now: Instant,
         tx: &mut dyn FnMut(Out, &[u8]) -> bool,
     ) -> Verdict {
+        self.host.clear();
         let mut emits = std::mem::take(&mut self.emits);
         emits.clear();
         let v = self.router.handle_from_uplink(frame, meta, now, &mut emits);
@@ -262,11 +306,14 @@ impl Pipeline {
                 RouterEgress::Uplink => {
                     tx(Out::Uplink, frame);
                 }
+                RouterEgress::Host => {
+                    self.host.push_copy(RouterEgress::Host, frame);
+                }
                 RouterEgress::Network(net) => {
                     if let Some(rp) = self.router_port(net) {
                         // From the router port the switch never hands a frame back to the
                         // router (no egress by the ingress port), so this cannot recurse.
-                        self.from_port(rp, frame, RxMeta::default(), now, tx);
+                        self.port_rx(rp, frame, RxMeta::default(), now, tx);
                     }
                 }
             }

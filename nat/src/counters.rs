@@ -39,6 +39,10 @@ pub struct NatCounters {
     pub arp_requests: u64,
     pub held_for_arp: u64,
     pub ports_exhausted: u64,
+    /// Packets handed to the host-socket uplink (host mode).
+    pub host_out: u64,
+    /// Packets the host-socket uplink injected into a network.
+    pub host_in: u64,
 }
 
 impl NatCounters {

@@ -12,6 +12,8 @@ pub enum Egress {
     Network(NetworkId),
     /// Out of the uplink interface (uplink MAC to next-hop MAC).
     Uplink,
+    /// To the host-socket uplink: a bare IPv4 packet, no Ethernet header (host mode).
+    Host,
 }
 
 /// Reusable output buffer of emitted Ethernet frames.
@@ -62,7 +64,7 @@ impl Emits {
     }
 
     /// Append a copy of `bytes` and return the copy for in-place rewriting.
-    pub(crate) fn push_copy(&mut self, egress: Egress, bytes: &[u8]) -> &mut [u8] {
+    pub fn push_copy(&mut self, egress: Egress, bytes: &[u8]) -> &mut [u8] {
         let start = self.arena.len();
         self.arena.extend_from_slice(bytes);
         self.frames.push((egress, start..start + bytes.len()));

@@ -35,6 +35,7 @@ mod dnat;
 mod emit;
 pub mod frag;
 mod gateway;
+mod host;
 mod icmp;
 mod packet;
 pub mod ports;

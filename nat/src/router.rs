@@ -86,6 +86,8 @@ pub struct Router {
     pub(crate) bucket: TokenBucket,
     pub(crate) rng: u64,
     pub(crate) counters: NatCounters,
+    /// Outside traffic goes to [`Egress::Host`] when there is no raw uplink (see `host.rs`).
+    pub(crate) host_uplink: bool,
 }
 
 impl Router {
@@ -102,6 +104,7 @@ impl Router {
             uplink: None,
             forwards: Forwards::default(),
             counters: NatCounters::default(),
+            host_uplink: false,
         }
     }
 
@@ -375,17 +378,30 @@ impl Router {
             {
                 return Verdict::Dropped(DropReason::InterNetwork);
             }
-            if n.internal || self.uplink.is_none() {
+            if n.internal || (self.uplink.is_none() && !self.host_uplink) {
                 return Verdict::Dropped(DropReason::NoRoute);
             }
         }
+        let host = self.host_mode() && !n.internal;
         if rx.ip.is_later_fragment() {
+            if host && !to_gateway {
+                return Verdict::Dropped(DropReason::Fragment);
+            }
             return self.forward_fragment(&rx, out);
         }
         let l4 = match packet::parse_l4(&rx.ip, rx.l4(), verify_l4(&rx)) {
             Ok(l4) => l4,
             Err(r) => return Verdict::Dropped(r),
         };
+        if host {
+            let transport = matches!(l4, L4Info::Tcp { .. } | L4Info::Udp { .. });
+            if !to_gateway {
+                return self.send_to_host(&rx, &l4, false, out);
+            }
+            if transport {
+                return self.send_to_host(&rx, &l4, true, out);
+            }
+        }
         if let L4Info::IcmpError { .. } = l4 {
             return self.translate_icmp_error(&rx, out);
         }

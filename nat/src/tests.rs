@@ -1330,3 +1330,187 @@ proptest! {
         l.r.expire(l.now + Duration::from_secs(1_000_000));
     }
 }
+
+// ---- host mode (the socket uplink) ----
+
+fn host_lab() -> Lab {
+    let mut l = Lab::new();
+    l.r.set_uplink(None);
+    l.r.set_host_uplink(true);
+    l
+}
+
+/// A bare IPv4 packet (the frame without its Ethernet header).
+fn bare(f: &[u8]) -> Vec<u8> {
+    f[14..].to_vec()
+}
+
+#[test]
+fn host_mode_sends_outside_traffic_to_the_host_as_bare_ip() {
+    let mut l = host_lab();
+    let f = udp(GW_MAC, C1_MAC, C1, 5000, REMOTE, 53, b"q", 64);
+    assert_eq!(l.net_rx(NET, &f), Verdict::Forwarded);
+    let (e, p) = l.one();
+    assert_eq!(e, Egress::Host);
+    let ip = Ipv4Packet::new_checked(&p[..]).unwrap();
+    assert_eq!(ip.hop_limit(), 63, "TTL is decremented");
+    assert_eq!((ip.src_addr(), ip.dst_addr()), (C1, REMOTE));
+    assert!(ck::verifies(&p[..20]));
+    assert_eq!(&p[20..], &bare(&f)[20..], "the payload is untouched");
+    assert_eq!(l.r.counters().host_out, 1);
+    assert_eq!(
+        l.r.conntrack_len(),
+        0,
+        "the socket uplink keeps its own flows"
+    );
+
+    // TTL 1: time exceeded from the gateway, nothing to the host.
+    let f = udp(GW_MAC, C1_MAC, C1, 5000, REMOTE, 53, b"q", 1);
+    assert_eq!(l.net_rx(NET, &f), Verdict::Answered);
+    assert_eq!(l.one().0, Egress::Network(NET));
+    // TCP and echo go out too.
+    let f = tcp(GW_MAC, C1_MAC, C1, 4000, REMOTE, 80, TcpControl::Syn, None);
+    assert_eq!(l.net_rx(NET, &f), Verdict::Forwarded);
+    assert_eq!(l.one().0, Egress::Host);
+    let f = echo(GW_MAC, C1_MAC, C1, REMOTE, true, 9);
+    assert_eq!(l.net_rx(NET, &f), Verdict::Forwarded);
+    assert_eq!(l.one().0, Egress::Host);
+}
+
+#[test]
+fn host_mode_keeps_the_gateway_isolation_and_internal_networks() {
+    let mut l = host_lab();
+    // TCP/UDP to the gateway go to the host uplink (a loopback client's replies), unchanged TTL.
+    let f = tcp(GW_MAC, C1_MAC, C1, 4000, GW, 80, TcpControl::Syn, None);
+    assert_eq!(l.net_rx(NET, &f), Verdict::Forwarded);
+    let (e, p) = l.one();
+    assert_eq!(e, Egress::Host);
+    assert_eq!(p, bare(&f));
+    // Ping to the gateway is still answered by the gateway.
+    let f = echo(GW_MAC, C1_MAC, C1, GW, true, 3);
+    assert_eq!(l.net_rx(NET, &f), Verdict::Answered);
+    assert_eq!(l.one().0, Egress::Network(NET));
+    // Another network's addresses stay unreachable.
+    let f = udp(GW_MAC, C1_MAC, C1, 5000, C3, 53, b"q", 64);
+    assert_eq!(
+        l.net_rx(NET, &f),
+        Verdict::Dropped(DropReason::InterNetwork)
+    );
+    let f = udp(GW_MAC, C1_MAC, C1, 5000, GW2, 53, b"q", 64);
+    assert_eq!(
+        l.net_rx(NET, &f),
+        Verdict::Dropped(DropReason::InterNetwork)
+    );
+    // An internal network has no way out, and its gateway answers for itself.
+    let mut l = Lab::new();
+    l.r.set_uplink(None);
+    l.r.set_host_uplink(true);
+    let net3 = NetworkId(3);
+    let mut n = net(
+        net3,
+        99,
+        Ipv4Addr::new(10, 99, 0, 1),
+        MacAddr([2, 0, 0, 0, 0x99, 1]),
+    );
+    n.internal = true;
+    l.r.add_network(n).unwrap();
+    let c = Ipv4Addr::new(10, 99, 0, 2);
+    let cm = MacAddr([2, 0, 0, 0, 0x99, 2]);
+    l.r.add_endpoint(net3, c, cm).unwrap();
+    let f = udp(n.gateway_mac, cm, c, 5000, REMOTE, 53, b"q", 64);
+    assert_eq!(l.net_rx(net3, &f), Verdict::Dropped(DropReason::NoRoute));
+    let f = tcp(
+        n.gateway_mac,
+        cm,
+        c,
+        4000,
+        n.gateway_ip,
+        80,
+        TcpControl::Syn,
+        None,
+    );
+    assert_eq!(
+        l.net_rx(net3, &f),
+        Verdict::Answered,
+        "RST from the gateway"
+    );
+    assert_eq!(l.one().0, Egress::Network(net3));
+    // Injection into an internal network is refused.
+    let back = udp(GW_MAC, C1_MAC, REMOTE, 53, c, 5000, b"a", 64);
+    l.out.clear();
+    let v = l.r.inject_from_host(&bare(&back), l.now, &mut l.out);
+    assert_eq!(v, Verdict::Dropped(DropReason::NoRoute));
+    assert!(l.out.is_empty());
+}
+
+#[test]
+fn a_raw_uplink_overrides_host_mode_and_host_mode_off_drops() {
+    let mut l = Lab::new();
+    l.r.set_host_uplink(true);
+    let f = udp(GW_MAC, C1_MAC, C1, 5000, REMOTE, 53, b"q", 64);
+    assert_eq!(l.net_rx(NET, &f), Verdict::Forwarded);
+    assert_eq!(l.one().0, Egress::Uplink);
+    let mut l = Lab::new();
+    l.r.set_uplink(None);
+    assert_eq!(l.net_rx(NET, &f), Verdict::Dropped(DropReason::NoRoute));
+}
+
+#[test]
+fn injected_packets_get_the_gateway_and_endpoint_macs() {
+    let mut l = host_lab();
+    let back = udp(GW_MAC, C1_MAC, REMOTE, 53, C1, 5000, b"answer", 60);
+    l.out.clear();
+    let v = l.r.inject_from_host(&bare(&back), l.now, &mut l.out);
+    assert_eq!(v, Verdict::Forwarded);
+    let (e, f) = l.one();
+    assert_eq!(e, Egress::Network(NET));
+    let s = seen(&f);
+    assert_eq!((s.dst_mac, s.src_mac), (C1_MAC, GW_MAC));
+    assert_eq!((s.src, s.dst, s.ttl), (REMOTE, C1, 60));
+    assert_eq!(l.r.counters().host_in, 1);
+    // An address no endpoint holds, an address in no network, garbage, an oversize packet.
+    let cases = [
+        (
+            udp(
+                GW_MAC,
+                C1_MAC,
+                REMOTE,
+                53,
+                Ipv4Addr::new(10, 77, 0, 99),
+                1,
+                b"a",
+                9,
+            ),
+            DropReason::NotForUs,
+        ),
+        (
+            udp(
+                GW_MAC,
+                C1_MAC,
+                REMOTE,
+                53,
+                Ipv4Addr::new(10, 55, 0, 2),
+                1,
+                b"a",
+                9,
+            ),
+            DropReason::NoRoute,
+        ),
+        (vec![0u8; 30], DropReason::Malformed),
+        (
+            udp(GW_MAC, C1_MAC, REMOTE, 53, C1, 1, &[0u8; 1600], 9),
+            DropReason::Oversize,
+        ),
+    ];
+    for (f, why) in cases {
+        l.out.clear();
+        let pkt = if f.len() == 30 { f.clone() } else { bare(&f) };
+        assert_eq!(
+            l.r.inject_from_host(&pkt, l.now, &mut l.out),
+            Verdict::Dropped(why)
+        );
+        assert!(l.out.is_empty());
+    }
+    assert_eq!(l.r.network_for(C1).map(|n| n.id), Some(NET));
+    assert_eq!(l.r.network_for(REMOTE), None);
+}
