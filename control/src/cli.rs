@@ -129,9 +129,12 @@ pub struct DaemonArgs {
     /// Log level (error, warn, info, debug, trace).
     #[arg(long, default_value = "info")]
     pub log_level: String,
-    /// Also serve Docker's remote network driver API.
+    /// Also serve Docker's remote network driver API (on /run/docker/plugins/switchyard.sock).
     #[arg(long)]
     pub docker_plugin: bool,
+    /// Where to serve the Docker driver API instead of /run/docker/plugins/switchyard.sock.
+    #[arg(long, value_name = "PATH")]
+    pub docker_plugin_socket: Option<PathBuf>,
 }
 
 #[derive(Subcommand, Debug)]

@@ -29,6 +29,8 @@ use crate::proto::{self, Call, EndpointInfo, EndpointType, NetworkInfo, Response
 use crate::spec::{PortMapping, Proto, PublishSpec};
 use crate::state::{self, EndpointRecord, Loaded, NetworkRecord, Persisted};
 
+mod docker;
+
 /// Most control clients served at once; more get an "unavailable" reply.
 const MAX_CLIENTS: usize = 128;
 /// A client that sends nothing for this long is dropped (it holds no lock meanwhile).
@@ -53,6 +55,8 @@ pub struct DaemonConfig {
     pub conntrack_max: usize,
     /// Conntrack timeouts overridden by name (`tcp_established`, `udp_unreplied`, ...).
     pub conntrack_timeouts: Vec<(String, u64)>,
+    /// Serve Docker's remote network driver API on this socket.
+    pub docker_plugin: Option<PathBuf>,
 }
 
 /// Apply `NAME=SECS` overrides to the conntrack timeouts.
@@ -141,6 +145,8 @@ struct State {
     networks: BTreeMap<String, Network>,
     next_nid: u16,
     next_port: u32,
+    /// Docker endpoints created but not joined (or left): address reserved, no port yet.
+    docker_pending: BTreeMap<String, docker::Pending>,
 }
 
 impl State {
@@ -628,6 +634,7 @@ impl Daemon {
             kind,
             host_ifname,
             ports: mappings,
+            docker_endpoint: None,
         };
         let net = st.net_mut(&p.network)?;
         net.endpoints.insert(name.clone(), Endpoint { rec, port });
@@ -1188,7 +1195,8 @@ impl Daemon {
                     name: Some(e.name.clone()),
                     ip: Some(e.ip),
                     mac: Some(e.mac),
-                    ifname: Some(e.ifname.clone()),
+                    // Docker renamed its interface inside the container: take the first free ethN.
+                    ifname: e.docker_endpoint.is_none().then(|| e.ifname.clone()),
                     kind: Some(e.kind),
                     publish: e
                         .ports
@@ -1203,6 +1211,13 @@ impl Daemon {
                 };
                 match self.connect(st, c, Some(&e)) {
                     Ok(_) => {
+                        if let Some(ep) = st
+                            .networks
+                            .get_mut(&n.name)
+                            .and_then(|net| net.endpoints.get_mut(&e.name))
+                        {
+                            ep.rec.docker_endpoint = e.docker_endpoint.clone();
+                        }
                         tracing::info!(network = %n.name, endpoint = %e.name, "endpoint restored")
                     }
                     Err(err) => {
@@ -1402,6 +1417,9 @@ pub fn run(cfg: DaemonConfig) -> Result<()> {
             }
         }
         d.persist(&st);
+    }
+    if let Some(p) = &cfg.docker_plugin {
+        docker::serve(d.clone(), p)?;
     }
     let listener = bind_socket(&cfg.socket)?;
     tracing::info!(socket = %cfg.socket.display(), "ready");

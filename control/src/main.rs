@@ -69,6 +69,11 @@ fn real_main(cli: Cli) -> Result<i32> {
                 uplink,
                 mac_aging: std::time::Duration::from_secs(a.mac_aging),
                 conntrack_max: a.conntrack_max,
+                docker_plugin: match (a.docker_plugin, a.docker_plugin_socket) {
+                    (_, Some(p)) => Some(p),
+                    (true, None) => Some(PathBuf::from("/run/docker/plugins/switchyard.sock")),
+                    (false, None) => None,
+                },
                 conntrack_timeouts: a
                     .conntrack_timeouts
                     .iter()

@@ -32,6 +32,9 @@ pub struct EndpointRecord {
     pub kind: EndpointType,
     pub host_ifname: Option<String>,
     pub ports: Vec<PortMapping>,
+    /// Set for endpoints Docker made through the network driver API (its endpoint id).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub docker_endpoint: Option<String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -165,6 +168,7 @@ mod tests {
                     kind: EndpointType::Tap,
                     host_ifname: None,
                     ports: vec![],
+                    docker_endpoint: None,
                 }],
             }],
         }

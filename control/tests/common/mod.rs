@@ -100,6 +100,11 @@ impl Env {
         ext
     }
 
+    /// Replace the extra daemon arguments (before `start_daemon`).
+    pub fn set_extra(&mut self, extra: &[&str]) {
+        self.extra = extra.iter().map(|s| s.to_string()).collect();
+    }
+
     pub fn start_daemon(&mut self) {
         let log = std::fs::OpenOptions::new()
             .create(true)
