@@ -1,0 +1,85 @@
+#![no_main]
+//! Frames from the containers and from the uplink, with time steps and expiry, through the
+//! pipeline the daemon runs (the fuzz topology: three networks, one internal, published ports,
+//! a 16-flow conntrack table). Invariants: every IPv4 packet the router emits has valid IP and
+//! TCP/UDP/ICMP checksums (UDP zero allowed); the conntrack table stays within its maximum;
+//! nothing larger than the egress MTU plus 18 leaves; nothing leaves by its ingress port or
+//! into another network.
+
+use std::collections::HashMap;
+use std::sync::OnceLock;
+
+use libfuzzer_sys::fuzz_target;
+use switchyard_control::pipeline::Out;
+use switchyard_control::topology::Topology;
+use switchyard_fuzz::{checksum_error, decode_ops, CONNTRACK_MAX, TOPOLOGY};
+use switchyard_nat::RxMeta;
+use switchyard_switch::frame::ETH_OVERHEAD;
+use switchyard_switch::{Instant, MacAddr, PortId};
+
+/// Per endpoint port: its network (index), that network's MTU and gateway MAC.
+type PortInfo = HashMap<PortId, (usize, usize, MacAddr)>;
+
+static TOPO: OnceLock<(Topology, PortInfo)> = OnceLock::new();
+
+fuzz_target!(|data: &[u8]| {
+    let (topo, info) = TOPO.get_or_init(|| {
+        let t = Topology::parse(TOPOLOGY).expect("fuzz topology");
+        assert_eq!(t.conntrack_max, CONNTRACK_MAX);
+        let info = t
+            .endpoints
+            .iter()
+            .map(|e| {
+                let n = &t.networks[e.network];
+                (e.port, (e.network, n.mtu as usize, n.gateway_mac))
+            })
+            .collect();
+        (t, info)
+    });
+    let mut p = topo.build(Instant::ZERO).expect("fuzz topology builds");
+    let ports = topo.endpoints.len() + 1;
+    let mut now_ms: i64 = 0;
+    for op in decode_ops(data) {
+        now_ms += i64::from(op.dt_ms);
+        let now = Instant::from_millis(now_ms);
+        if op.flags & 2 != 0 {
+            p.expire(now);
+        }
+        let meta = RxMeta {
+            partial_csum: op.flags & 1 != 0,
+        };
+        let ingress = topo
+            .endpoints
+            .get(usize::from(op.port) % ports)
+            .map(|e| e.port);
+        let ingress_net = ingress.map(|id| info[&id].0);
+        let mut tx = |o: Out, f: &[u8]| {
+            let (limit, from_router) = match o {
+                Out::Uplink => (1500 + ETH_OVERHEAD, true),
+                Out::Port(id) => {
+                    assert_ne!(Some(id), ingress, "left by its ingress port");
+                    let (net, mtu, gw) = info[&id];
+                    if let Some(n) = ingress_net {
+                        assert_eq!(net, n, "crossed networks");
+                    }
+                    (mtu + ETH_OVERHEAD, MacAddr::src_of(f) == Some(gw))
+                }
+            };
+            assert!(f.len() <= limit, "{} bytes out of {o:?}", f.len());
+            if from_router {
+                if let Some(e) = checksum_error(f) {
+                    panic!("router emitted a bad {e} to {o:?}: {f:02x?}");
+                }
+            }
+            true
+        };
+        match ingress {
+            Some(id) => p.from_port(id, &op.frame.0, meta, now, &mut tx),
+            None => p.from_uplink(&op.frame.0, meta, now, &mut tx),
+        };
+        assert!(
+            p.router.conntrack_len() <= CONNTRACK_MAX,
+            "conntrack over its maximum"
+        );
+    }
+});
