@@ -1477,7 +1477,8 @@ pub fn run(cfg: DaemonConfig) -> Result<()> {
 fn open_uplink(u: &UplinkArgs) -> Result<switchyard_switch::backend::packet::PacketSocket> {
     let idx = nix::net::if_::if_nametoindex(u.iface.as_str())
         .map_err(|e| Error::not_found(format!("uplink interface {}: {e}", u.iface)))?;
-    switchyard_switch::backend::packet::PacketSocket::open(idx)
+    // With virtio-net headers: GRO'd or TSO frames arrive whole and are cut in software.
+    switchyard_switch::backend::packet::PacketSocket::open_vnet(idx)
         .map_err(|e| Error::system(format!("opening uplink {}: {e}", u.iface)))
 }
 

@@ -18,6 +18,7 @@ use mio::{Events, Interest, Poll, Registry, Token, Waker};
 use switchyard_nat::RxMeta;
 use switchyard_switch::backend::packet::PacketSocket;
 use switchyard_switch::backend::tap::Tap;
+use switchyard_switch::gso::{segment_tcp4, VnetHdr, GSO_NONE, GSO_TCPV4};
 use switchyard_switch::{Instant, PortId};
 
 use crate::error::{Error, Result};
@@ -61,12 +62,21 @@ impl PortIo {
 }
 
 fn read_packet(p: &PacketSocket, buf: &mut [u8]) -> io::Result<(usize, RxMeta)> {
+    read_packet_vnet(p, buf).map(|(n, m, _)| (n, m))
+}
+
+/// A frame from an AF_PACKET socket, with the GSO size when the kernel left it unsegmented.
+fn read_packet_vnet(
+    p: &PacketSocket,
+    buf: &mut [u8],
+) -> io::Result<(usize, RxMeta, Option<VnetHdr>)> {
     let (n, info) = p.read_meta(buf)?;
     Ok((
         n,
         RxMeta {
             partial_csum: info.partial_csum,
         },
+        info.vnet.filter(|h| h.gso() != GSO_NONE),
     ))
 }
 
@@ -78,6 +88,8 @@ pub struct UplinkCounters {
     pub tx_packets: u64,
     pub tx_bytes: u64,
     pub tx_failed: u64,
+    /// Offloaded frames we could not segment (UDP/IPv6 GSO, malformed).
+    pub gso_dropped: u64,
 }
 
 /// Which way a captured frame went, seen from the container.
@@ -145,6 +157,7 @@ pub struct DpState {
     uplink: Option<PacketSocket>,
     pub uplink_counters: UplinkCounters,
     captures: Captures,
+    gso_scratch: Vec<u8>,
     registry: Registry,
     start: std::time::Instant,
 }
@@ -220,6 +233,7 @@ impl DpState {
             uplink,
             uplink_counters: up,
             captures,
+            gso_scratch,
             ..
         } = self;
         let captures = &*captures;
@@ -262,18 +276,18 @@ impl DpState {
             budget -= 1;
             let (r, port) = if token == UPLINK {
                 match uplink {
-                    Some(u) => (read_packet(u, buf), None),
+                    Some(u) => (read_packet_vnet(u, buf), None),
                     None => break true,
                 }
             } else {
                 let id = PortId((token.0 - PORT_BASE) as u32);
                 match ports.get(id.0 as usize).and_then(Option::as_ref) {
-                    Some(io) => (io.read(buf), Some(id)),
+                    Some(io) => (io.read(buf).map(|(n, m)| (n, m, None)), Some(id)),
                     None => break true,
                 }
             };
             match r {
-                Ok((n, meta)) => {
+                Ok((n, meta, gso)) => {
                     let frame = &buf[..n];
                     match port {
                         Some(id) => {
@@ -285,7 +299,32 @@ impl DpState {
                         None => {
                             rx_pk += 1;
                             rx_by += n as u64;
-                            pipeline.from_uplink(frame, meta, now, &mut tx);
+                            match gso {
+                                // A TSO/GRO frame from the uplink: cut it here, the NAT path
+                                // takes MTU-sized packets.
+                                Some(h) if h.gso() == GSO_TCPV4 => {
+                                    let r = segment_tcp4(
+                                        frame,
+                                        usize::from(h.gso_size),
+                                        gso_scratch,
+                                        &mut |seg| {
+                                            pipeline.from_uplink(
+                                                seg,
+                                                RxMeta::default(),
+                                                now,
+                                                &mut tx,
+                                            );
+                                        },
+                                    );
+                                    if r.is_err() {
+                                        up.gso_dropped += 1;
+                                    }
+                                }
+                                Some(_) => up.gso_dropped += 1,
+                                None => {
+                                    pipeline.from_uplink(frame, meta, now, &mut tx);
+                                }
+                            }
                         }
                     }
                 }
@@ -386,6 +425,7 @@ impl Dataplane {
             uplink,
             uplink_counters: UplinkCounters::default(),
             captures: Captures::default(),
+            gso_scratch: Vec::with_capacity(MAX_FRAME),
             registry,
             start: std::time::Instant::now(),
         };

@@ -13,6 +13,7 @@
 
 pub mod backend;
 pub mod frame;
+pub mod gso;
 pub mod mac_table;
 pub mod port;
 pub mod switch;

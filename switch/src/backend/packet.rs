@@ -10,6 +10,8 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 
 use nix::sys::socket::{self, sockopt, AddressFamily, LinkAddr, MsgFlags, SockFlag, SockType};
 
+use crate::gso::{VnetHdr, VNET_HDR_LEN};
+
 /// Socket buffer size we ask for, each way (best effort).
 pub const SOCKET_BUFFER_BYTES: usize = 4 << 20;
 
@@ -21,6 +23,8 @@ pub struct PacketSocket {
     ifindex: u32,
     /// `PACKET_IGNORE_OUTGOING` was refused (kernel < 4.20): drop outgoing frames ourselves.
     filter_outgoing: bool,
+    /// `PACKET_VNET_HDR` is on: every frame read or written carries a `virtio_net_hdr`.
+    vnet: bool,
 }
 
 impl PacketSocket {
@@ -45,7 +49,17 @@ impl PacketSocket {
             fd,
             ifindex,
             filter_outgoing,
+            vnet: false,
         })
+    }
+
+    /// Like `open`, with `PACKET_VNET_HDR`: frames the kernel did not segment or checksum (GRO,
+    /// a TSO peer) arrive whole with a header that says how to finish them ([`RxInfo::vnet`]).
+    pub fn open_vnet(ifindex: u32) -> io::Result<PacketSocket> {
+        let mut s = Self::open(ifindex)?;
+        set_int_opt(&s.fd, libc::SOL_PACKET, libc::PACKET_VNET_HDR, 1)?;
+        s.vnet = true;
+        Ok(s)
     }
 
     pub fn ifindex(&self) -> u32 {
@@ -80,8 +94,17 @@ impl PacketSocket {
             }
             let mut info = RxInfo::default();
             let mut n = n;
+            if self.vnet {
+                let Some(h) = VnetHdr::parse(&buf[..n]) else {
+                    continue;
+                };
+                buf.copy_within(VNET_HDR_LEN..n, 0);
+                n -= VNET_HDR_LEN;
+                info.partial_csum = h.needs_csum();
+                info.vnet = Some(h);
+            }
             if let Some(aux) = aux {
-                info.partial_csum = aux.tp_status & libc::TP_STATUS_CSUMNOTREADY != 0;
+                info.partial_csum |= aux.tp_status & libc::TP_STATUS_CSUMNOTREADY != 0;
                 if aux.tp_status & libc::TP_STATUS_VLAN_VALID != 0 && n >= 12 {
                     let tpid = if aux.tp_status & libc::TP_STATUS_VLAN_TPID_VALID != 0
                         && aux.tp_vlan_tpid != 0
@@ -102,6 +125,15 @@ impl PacketSocket {
 
     /// Sends one frame out of the interface; `WouldBlock` when the socket buffer is full.
     pub fn write(&self, frame: &[u8]) -> io::Result<usize> {
+        if self.vnet {
+            // No offload asked of the kernel: a zeroed header.
+            let hdr = [0u8; VNET_HDR_LEN];
+            let n = nix::sys::uio::writev(
+                &self.fd,
+                &[io::IoSlice::new(&hdr), io::IoSlice::new(frame)],
+            )?;
+            return Ok(n.saturating_sub(VNET_HDR_LEN));
+        }
         Ok(socket::send(self.fd.as_raw_fd(), frame, MsgFlags::empty())?)
     }
 
@@ -125,6 +157,8 @@ impl PacketSocket {
 pub struct RxInfo {
     /// The L4 checksum holds only the pseudo-header sum: the sender offloaded it.
     pub partial_csum: bool,
+    /// With `open_vnet`: the frame's virtio-net header (GSO kind and size, checksum offsets).
+    pub vnet: Option<VnetHdr>,
 }
 
 /// `recvmsg` with room for one `PACKET_AUXDATA` control message. Returns the length, the
