@@ -20,3 +20,4 @@ pub mod run;
 pub mod spec;
 pub mod state;
 pub mod topology;
+pub mod uplink;
