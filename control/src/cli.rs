@@ -101,6 +101,9 @@ pub enum Cmd {
         #[arg(last = true, required = true)]
         cmd: Vec<String>,
     },
+    /// Rootless: make a tap inside a container's user and network namespaces (see userns.rs).
+    #[command(hide = true, name = "__tap-helper")]
+    TapHelper { request: String },
 }
 
 #[derive(Args, Debug)]
@@ -117,6 +120,10 @@ pub struct DaemonArgs {
     /// Next hop for off-link destinations.
     #[arg(long, requires = "uplink")]
     pub uplink_gateway: Option<Ipv4Addr>,
+    /// Socket uplink: containers reach the host's 127.0.0.1 through this address (off by
+    /// default), like slirp4netns's 10.0.2.2.
+    #[arg(long, value_name = "IP", conflicts_with = "uplink")]
+    pub host_loopback: Option<Ipv4Addr>,
     /// Seconds before a learned MAC ages out.
     #[arg(long, default_value_t = 300)]
     pub mac_aging: u64,

@@ -51,6 +51,8 @@ pub struct DaemonConfig {
     pub socket: PathBuf,
     pub state_dir: PathBuf,
     pub uplink: Option<UplinkArgs>,
+    /// Socket uplink: the address containers use to reach the host's 127.0.0.1.
+    pub host_loopback: Option<Ipv4Addr>,
     pub mac_aging: StdDuration,
     pub conntrack_max: usize,
     /// Conntrack timeouts overridden by name (`tcp_established`, `udp_unreplied`, ...).
@@ -300,6 +302,45 @@ fn namespace_alive(rec: &EndpointRecord) -> bool {
         .is_ok_and(|ino| ino == rec.ns_inode)
 }
 
+/// A published port in the router and, with the socket uplink, its host listener: a port
+/// that cannot be bound is a clear error now, not a silent hole later.
+fn add_forward(dp: &mut crate::dataplane::DpState, f: &PortForward) -> Result<()> {
+    dp.pipeline
+        .router
+        .add_forward(*f)
+        .map_err(|e| Error::conflict(format!("{e:?}")))?;
+    if let Some(h) = dp.socket_uplink() {
+        if let Err(e) = h.publish(f) {
+            let _ = dp
+                .pipeline
+                .router
+                .remove_forward(f.proto, f.host_ip, f.host_port);
+            let ip = f.host_ip.unwrap_or(Ipv4Addr::UNSPECIFIED);
+            let proto = format!("{:?}", f.proto).to_lowercase();
+            let hint = if e.kind() == std::io::ErrorKind::PermissionDenied && f.host_port < 1024 {
+                " (ports below net.ipv4.ip_unprivileged_port_start need privileges)"
+            } else {
+                ""
+            };
+            return Err(Error::conflict(format!(
+                "cannot listen on {ip}:{}/{proto} for a published port: {e}{hint}",
+                f.host_port
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn remove_forward(dp: &mut crate::dataplane::DpState, f: &PortForward) {
+    let _ = dp
+        .pipeline
+        .router
+        .remove_forward(f.proto, f.host_ip, f.host_port);
+    if let Some(h) = dp.socket_uplink() {
+        h.unpublish(f.proto, f.host_ip, f.host_port);
+    }
+}
+
 impl Daemon {
     fn dp<R: Send + 'static>(
         &self,
@@ -309,6 +350,18 @@ impl Daemon {
         match g.as_ref() {
             Some(dp) => dp.call(f),
             None => Err(Error::unavailable("the daemon is shutting down")),
+        }
+    }
+
+    /// With the socket uplink, can the host bind this port now? (Picking a free port.)
+    fn host_port_free(&self, m: &PortMapping) -> bool {
+        if self.cfg.uplink.is_some() {
+            return true;
+        }
+        let addr = (m.host_ip.unwrap_or(Ipv4Addr::UNSPECIFIED), m.host_port);
+        match m.proto {
+            Proto::Tcp => std::net::TcpListener::bind(addr).is_ok(),
+            Proto::Udp => std::net::UdpSocket::bind(addr).is_ok(),
         }
     }
 
@@ -367,6 +420,11 @@ impl Daemon {
                     "subnet {subnet} overlaps the uplink's subnet {up}"
                 )));
             }
+        }
+        if let Some(h) = self.cfg.host_loopback.filter(|h| subnet.contains(*h)) {
+            return Err(Error::conflict(format!(
+                "subnet {subnet} holds the daemon's --host-loopback address {h}"
+            )));
         }
         let gateway = match p.gateway {
             Some(g) => g,
@@ -519,6 +577,24 @@ impl Daemon {
         };
         valid_name("endpoint", &name)?;
         let kind = p.kind.unwrap_or_default();
+        // Rootless: the container's namespaces are entered by a helper process through a pid.
+        let helper_pid = if self.uid == 0 {
+            None
+        } else {
+            if kind == EndpointType::Veth {
+                return Err(Error::invalid(
+                    "--type veth needs a root daemon; a rootless daemon makes tap endpoints (the default)",
+                ));
+            }
+            match pid {
+                Some(pid) => Some(pid as u32),
+                None => Some(crate::userns::pid_of_netns_path(&netns_path).ok_or_else(|| {
+                    Error::invalid(
+                        "a rootless daemon needs --pid PID (or --netns /proc/PID/ns/net): it enters the namespace through that process's user namespace",
+                    )
+                })?),
+            }
+        };
         let net = st.net(&p.network)?;
         if net.endpoints.contains_key(&name) {
             return Err(Error::conflict(format!(
@@ -552,15 +628,19 @@ impl Daemon {
         for s in &p.publish {
             let spec: PublishSpec = s.parse()?;
             let m = spec.expand(|m| {
-                !existing.iter().any(|o| o.collides(m)) && !mappings.iter().any(|o| o.collides(m))
+                !existing.iter().any(|o| o.collides(m))
+                    && !mappings.iter().any(|o| o.collides(m))
+                    && (spec.host_ports.is_some() || self.host_port_free(m))
             })?;
             mappings.extend(m);
         }
-        let ifname = match &p.ifname {
+        let mut ifname = match &p.ifname {
             Some(i) => {
                 valid_ifname(i)?;
                 i.clone()
             }
+            // The helper picks the first free ethN inside.
+            None if helper_pid.is_some() => String::new(),
             None => {
                 plumbing::first_free_ifname(&ns, "eth").map_err(|e| Error::system(e.to_string()))?
             }
@@ -595,6 +675,27 @@ impl Daemon {
             }
         };
         let (io, host_ifname) = match kind {
+            EndpointType::Tap if helper_pid.is_some() => {
+                let req = crate::userns::TapRequest {
+                    pid: helper_pid.unwrap_or(0),
+                    ifname: espec.ifname.clone(),
+                    mac: espec.mac,
+                    ip,
+                    prefix_len: prefix,
+                    gateway,
+                    mtu,
+                };
+                match crate::userns::create_tap(&req) {
+                    Ok((t, name)) => {
+                        ifname = name;
+                        (PortIo::Tap(t), None)
+                    }
+                    Err(e) => {
+                        release(st);
+                        return Err(Error::system(e));
+                    }
+                }
+            }
             EndpointType::Tap => match plumbing::create_tap_endpoint(&ns, &espec) {
                 Ok(t) => (PortIo::Tap(t), None),
                 Err(e) => {
@@ -669,15 +770,12 @@ impl Daemon {
                 return Err(Error::internal(format!("{e:?}")));
             }
             for (i, f) in forwards.iter().enumerate() {
-                if let Err(e) = dp.pipeline.router.add_forward(*f) {
+                if let Err(e) = add_forward(dp, f) {
                     for g in &forwards[..i] {
-                        let _ = dp
-                            .pipeline
-                            .router
-                            .remove_forward(g.proto, g.host_ip, g.host_port);
+                        remove_forward(dp, g);
                     }
                     undo(dp);
-                    return Err(Error::conflict(format!("{e:?}")));
+                    return Err(e);
                 }
             }
             if let Err(e) = dp.attach(port, io) {
@@ -714,10 +812,7 @@ impl Daemon {
             let _ = dp.pipeline.switch.remove_port(port);
             dp.pipeline.router.remove_endpoint(nid, ip);
             for f in &fwd {
-                let _ = dp
-                    .pipeline
-                    .router
-                    .remove_forward(f.proto, f.host_ip, f.host_port);
+                remove_forward(dp, f);
             }
             io
         });
@@ -745,21 +840,20 @@ impl Daemon {
         for s in &p.specs {
             let spec: PublishSpec = s.parse()?;
             new.extend(spec.expand(|m| {
-                !existing.iter().any(|o| o.collides(m)) && !new.iter().any(|o| o.collides(m))
+                !existing.iter().any(|o| o.collides(m))
+                    && !new.iter().any(|o| o.collides(m))
+                    && (spec.host_ports.is_some() || self.host_port_free(m))
             })?);
         }
         let (nid, ip) = (net.nid, ep.rec.ip);
         let fwd: Vec<PortForward> = new.iter().map(|m| forward_of(nid, ip, m)).collect();
         self.dp(move |dp| -> Result<()> {
             for (i, f) in fwd.iter().enumerate() {
-                if let Err(e) = dp.pipeline.router.add_forward(*f) {
+                if let Err(e) = add_forward(dp, f) {
                     for g in &fwd[..i] {
-                        let _ = dp
-                            .pipeline
-                            .router
-                            .remove_forward(g.proto, g.host_ip, g.host_port);
+                        remove_forward(dp, g);
                     }
-                    return Err(Error::conflict(format!("{e:?}")));
+                    return Err(e);
                 }
             }
             Ok(())
@@ -809,10 +903,7 @@ impl Daemon {
         let fwd: Vec<PortForward> = gone.iter().map(|m| forward_of(nid, ip, m)).collect();
         self.dp(move |dp| {
             for f in &fwd {
-                let _ = dp
-                    .pipeline
-                    .router
-                    .remove_forward(f.proto, f.host_ip, f.host_port);
+                remove_forward(dp, f);
             }
         })?;
         let net = st.net_mut(&p.network)?;
@@ -866,14 +957,14 @@ impl Daemon {
     }
 
     fn stats(&self, st: &State) -> Result<proto::Stats> {
-        let (counters, up, nat) = self.dp(|dp| {
+        let (counters, up, nat, sock) = self.dp(|dp| {
             let sw = &dp.pipeline.switch;
             let c: Vec<_> = sw
                 .ports()
                 .filter_map(|p| sw.counters(p).map(|c| (p, c.clone())))
                 .collect();
             let nat = serde_json::to_value(dp.pipeline.router.counters()).unwrap_or(Value::Null);
-            (c, dp.uplink_counters, nat)
+            (c, dp.uplink_counters, nat, dp.socket_counters())
         })?;
         let mut ports = Vec::new();
         for net in st.networks.values() {
@@ -906,7 +997,14 @@ impl Daemon {
             Some(u) => {
                 json!({"interface": u.iface, "address": format!("{}/{}", u.addr, u.prefix_len), "counters": up})
             }
-            None => Value::Null,
+            None => match sock {
+                Some(c) => json!({
+                    "mode": "socket",
+                    "host_loopback": self.cfg.host_loopback,
+                    "counters": c,
+                }),
+                None => Value::Null,
+            },
         };
         Ok(proto::Stats { ports, uplink, nat })
     }
@@ -1356,6 +1454,14 @@ pub fn run(cfg: DaemonConfig) -> Result<()> {
     sigs.thread_block()
         .map_err(|e| Error::system(format!("blocking signals: {e}")))?;
 
+    if let Some(h) = cfg.host_loopback {
+        if h.is_loopback() || h.is_unspecified() || h.is_multicast() || h.is_broadcast() {
+            return Err(Error::invalid(format!(
+                "--host-loopback {h}: give an ordinary unicast address outside every network (e.g. 10.0.2.2)"
+            )));
+        }
+    }
+    raise_nofile();
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
@@ -1393,6 +1499,17 @@ pub fn run(cfg: DaemonConfig) -> Result<()> {
     pipeline.router.set_uplink(uplink_cfg);
     let dp = Dataplane::spawn(pipeline, uplink_sock)
         .map_err(|e| Error::system(format!("starting the dataplane: {e}")))?;
+    if cfg.uplink.is_none() {
+        // The default uplink: container flows leave through ordinary host sockets.
+        let sc = crate::uplink::SocketUplinkConfig {
+            host_loopback: cfg.host_loopback,
+            ..Default::default()
+        };
+        let seed = rcfg.seed;
+        dp.call(move |st| st.set_socket_uplink(Some(sc), seed))?
+            .map_err(|e| Error::system(format!("starting the socket uplink: {e}")))?;
+        tracing::info!(host_loopback = ?cfg.host_loopback, "socket uplink: outside traffic leaves through host sockets");
+    }
     let d = Arc::new(Daemon {
         cfg: cfg.clone(),
         state: Mutex::new(State::default()),
@@ -1472,6 +1589,16 @@ pub fn run(cfg: DaemonConfig) -> Result<()> {
     tracing::info!("{sig:?}: stopping");
     d.shutdown();
     Ok(())
+}
+
+/// Each socket-uplink flow holds a host socket: lift the soft fd limit to the hard one.
+fn raise_nofile() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_err() {
+            tracing::debug!("could not raise the open-file limit from {soft}");
+        }
+    }
 }
 
 fn open_uplink(u: &UplinkArgs) -> Result<switchyard_switch::backend::packet::PacketSocket> {

@@ -23,6 +23,7 @@ use switchyard_switch::{Instant, PortId};
 
 use crate::error::{Error, Result};
 use crate::pipeline::{Out, Pipeline};
+use crate::uplink::{SocketCounters, SocketUplink, SocketUplinkConfig, TOKEN_BASE};
 
 const WAKER: Token = Token(0);
 const UPLINK: Token = Token(1);
@@ -157,6 +158,8 @@ pub struct DpState {
     uplink: Option<PacketSocket>,
     pub uplink_counters: UplinkCounters,
     captures: Captures,
+    /// The socket uplink (host mode), when the daemon runs one.
+    host: Option<SocketUplink>,
     gso_scratch: Vec<u8>,
     registry: Registry,
     start: std::time::Instant,
@@ -227,12 +230,14 @@ impl DpState {
     /// Read up to BATCH frames from `token`'s fd; true when it is drained (would block, or gone).
     fn service(&mut self, token: Token, buf: &mut [u8]) -> bool {
         let now = self.now();
+        let wall = std::time::Instant::now();
         let DpState {
             pipeline,
             ports,
             uplink,
             uplink_counters: up,
             captures,
+            host,
             gso_scratch,
             ..
         } = self;
@@ -295,6 +300,11 @@ impl DpState {
                                 captures.copy(id, Direction::FromContainer, frame);
                             }
                             pipeline.from_port(id, frame, meta, now, &mut tx);
+                            if let Some(h) = host.as_mut() {
+                                for p in pipeline.host_packets() {
+                                    h.from_container(p, &pipeline.router, wall);
+                                }
+                            }
                         }
                         None => {
                             rx_pk += 1;
@@ -350,6 +360,74 @@ impl DpState {
         let now = self.now();
         self.pipeline.switch.expire(now);
         self.pipeline.router.expire(now);
+        if let Some(h) = &mut self.host {
+            h.expire(std::time::Instant::now());
+        }
+    }
+
+    /// Run the socket uplink (host mode) with `cfg`, or stop it with `None`.
+    pub fn set_socket_uplink(
+        &mut self,
+        cfg: Option<SocketUplinkConfig>,
+        seed: u64,
+    ) -> io::Result<()> {
+        self.host = match cfg {
+            Some(c) => Some(SocketUplink::new(c, self.registry.try_clone()?, seed)),
+            None => None,
+        };
+        self.pipeline.set_host_uplink(self.host.is_some());
+        Ok(())
+    }
+
+    /// The socket uplink, when there is one (published-port listeners live there).
+    pub fn socket_uplink(&mut self) -> Option<&mut SocketUplink> {
+        self.host.as_mut()
+    }
+
+    pub fn socket_counters(&self) -> Option<SocketCounters> {
+        self.host.as_ref().map(|h| h.counters())
+    }
+
+    fn host_event(&mut self, t: Token) {
+        if let Some(h) = &mut self.host {
+            h.event(t, &self.pipeline.router, std::time::Instant::now());
+        }
+    }
+
+    /// Step the socket uplink's flows and deliver what it has for the containers.
+    fn host_flush(&mut self) {
+        let now = self.now();
+        let DpState {
+            pipeline,
+            ports,
+            captures,
+            host,
+            ..
+        } = self;
+        let Some(h) = host.as_mut() else { return };
+        h.flush(std::time::Instant::now());
+        let out = h.take_out();
+        if out.is_empty() {
+            h.give_back(out);
+            return;
+        }
+        let (ports, captures) = (&*ports, &*captures);
+        let capturing = !captures.list.is_empty();
+        let mut tx = |o: Out, frame: &[u8]| -> bool {
+            let Out::Port(p) = o else { return false };
+            let Some(io) = ports.get(p.0 as usize).and_then(Option::as_ref) else {
+                return false;
+            };
+            let ok = io.write(frame).is_ok();
+            if capturing && ok {
+                captures.copy(p, Direction::ToContainer, frame);
+            }
+            ok
+        };
+        for p in &out {
+            pipeline.from_host(p, now, &mut tx);
+        }
+        h.give_back(out);
     }
 }
 
@@ -361,7 +439,11 @@ fn run(mut poll: Poll, jobs: Receiver<Job>, mut st: DpState) {
     let mut next_housekeeping = std::time::Instant::now() + HOUSEKEEPING;
     loop {
         let timeout = if ready.is_empty() {
-            next_housekeeping.saturating_duration_since(std::time::Instant::now())
+            let mut due = next_housekeeping;
+            if let Some(t) = st.host.as_ref().and_then(SocketUplink::poll_at) {
+                due = due.min(t);
+            }
+            due.saturating_duration_since(std::time::Instant::now())
         } else {
             StdDuration::ZERO
         };
@@ -373,7 +455,9 @@ fn run(mut poll: Poll, jobs: Receiver<Job>, mut st: DpState) {
         }
         for ev in events.iter() {
             let t = ev.token();
-            if t != WAKER && is_ready.insert(t) {
+            if t.0 >= TOKEN_BASE {
+                st.host_event(t);
+            } else if t != WAKER && is_ready.insert(t) {
                 ready.push(t);
             }
         }
@@ -394,6 +478,7 @@ fn run(mut poll: Poll, jobs: Receiver<Job>, mut st: DpState) {
                 i += 1;
             }
         }
+        st.host_flush();
         if std::time::Instant::now() >= next_housekeeping {
             st.housekeeping();
             next_housekeeping = std::time::Instant::now() + HOUSEKEEPING;
@@ -425,6 +510,7 @@ impl Dataplane {
             uplink,
             uplink_counters: UplinkCounters::default(),
             captures: Captures::default(),
+            host: None,
             gso_scratch: Vec::with_capacity(MAX_FRAME),
             registry,
             start: std::time::Instant::now(),

@@ -21,3 +21,4 @@ pub mod spec;
 pub mod state;
 pub mod topology;
 pub mod uplink;
+pub mod userns;

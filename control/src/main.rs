@@ -67,6 +67,7 @@ fn real_main(cli: Cli) -> Result<i32> {
                 socket: socket.unwrap_or_else(default_socket),
                 state_dir: a.state_dir.unwrap_or_else(default_state_dir),
                 uplink,
+                host_loopback: a.host_loopback,
                 mac_aging: std::time::Duration::from_secs(a.mac_aging),
                 conntrack_max: a.conntrack_max,
                 docker_plugin: match (a.docker_plugin, a.docker_plugin_socket) {
@@ -94,6 +95,7 @@ fn real_main(cli: Cli) -> Result<i32> {
         Cmd::Connect(a) => cli::connect(&socket, a),
         Cmd::Run(a) => run::run(socket.unwrap_or_else(default_socket), a),
         Cmd::RunChild { cmd } => run::child(cmd),
+        Cmd::TapHelper { request } => Ok(switchyard_control::userns::helper(&request)),
         Cmd::Demo => demo::run(),
         Cmd::Capture {
             network,

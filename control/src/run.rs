@@ -6,6 +6,10 @@
 //! connect the child's pid, then sends SIGUSR1 and the child execs the command (keeping its pid,
 //! so the daemon's watch on that pid follows the command itself). Re-executing avoids `fork` in
 //! a process that may have threads, and needs no `unsafe` fd passing.
+//!
+//! Rootless (not root): the child unshares a user namespace together with the network
+//! namespace, the parent maps its uid and gid to root inside, and the daemon attaches the tap
+//! through its namespace helper (see `userns.rs`).
 
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::PathBuf;
@@ -79,6 +83,13 @@ pub fn run(socket: PathBuf, a: RunArgs) -> Result<i32> {
         }
         std::thread::sleep(Duration::from_millis(2));
     }
+    if rootless() {
+        if let Err(e) = map_ids(pid) {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(e);
+        }
+    }
     let kind = a.kind.as_deref().map(|k| {
         if k == "veth" {
             EndpointType::Veth
@@ -128,13 +139,37 @@ pub fn run(socket: PathBuf, a: RunArgs) -> Result<i32> {
     })
 }
 
-/// The child half: a new network namespace, then wait for the go, then exec.
+fn rootless() -> bool {
+    !nix::unistd::geteuid().is_root()
+}
+
+/// Rootless: map our uid and gid to root in the child's new user namespace (written from the
+/// parent, with setgroups denied as an unprivileged mapping requires).
+fn map_ids(pid: i32) -> Result<()> {
+    let uid = nix::unistd::geteuid().as_raw();
+    let gid = nix::unistd::getegid().as_raw();
+    let write = |file: &str, text: String| {
+        std::fs::write(format!("/proc/{pid}/{file}"), text)
+            .map_err(|e| Error::system(format!("writing /proc/{pid}/{file}: {e}")))
+    };
+    write("setgroups", "deny".into())?;
+    write("uid_map", format!("0 {uid} 1\n"))?;
+    write("gid_map", format!("0 {gid} 1\n"))
+}
+
+/// The child half: a new network namespace (and, rootless, a user namespace that owns it),
+/// then wait for the go, then exec.
 pub fn child(cmd: Vec<String>) -> Result<i32> {
     // Die with the CLI while waiting; the command itself outlives it (the daemon reaps it).
     let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL);
-    nix::sched::unshare(CloneFlags::CLONE_NEWNET).map_err(|e| {
+    let flags = if rootless() {
+        CloneFlags::CLONE_NEWUSER | CloneFlags::CLONE_NEWNET
+    } else {
+        CloneFlags::CLONE_NEWNET
+    };
+    nix::sched::unshare(flags).map_err(|e| {
         Error::system(format!(
-            "unshare(CLONE_NEWNET): {e} (run needs root, or rootless mode)"
+            "unshare({flags:?}): {e} (rootless mode needs unprivileged user namespaces: sysctl kernel.unprivileged_userns_clone=1, user.max_user_namespaces > 0)"
         ))
     })?;
     go_signal()

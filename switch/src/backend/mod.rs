@@ -3,6 +3,8 @@
 
 #[allow(unsafe_code)]
 pub mod ethtool;
+#[allow(unsafe_code)]
+pub mod fdpass;
 pub mod memory;
 #[allow(unsafe_code)]
 pub mod packet;

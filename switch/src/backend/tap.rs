@@ -80,6 +80,15 @@ impl Tap {
         })
     }
 
+    /// A tap another process created and passed to us (see [`super::fdpass`]).
+    pub fn from_fd(fd: std::os::fd::OwnedFd, name: String, vnet_hdr: bool) -> Tap {
+        Tap {
+            file: File::from(fd),
+            name,
+            vnet_hdr,
+        }
+    }
+
     /// The interface name (as the kernel assigned it).
     pub fn name(&self) -> &str {
         &self.name
