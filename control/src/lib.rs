@@ -7,6 +7,7 @@ pub mod client;
 pub mod daemon;
 pub mod dataplane;
 pub mod demo;
+pub mod dns;
 pub mod error;
 pub mod ipam;
 pub mod netlink;

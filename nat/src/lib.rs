@@ -37,6 +37,7 @@ pub mod frag;
 mod gateway;
 mod host;
 mod icmp;
+mod local;
 mod packet;
 pub mod ports;
 mod router;

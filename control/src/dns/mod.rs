@@ -1,0 +1,121 @@
+//! The embedded DNS server, served at the gateway address of each network (Docker's embedded
+//! DNS: containers on a user-defined network find each other by name).
+//!
+//! ```text
+//!  container ──UDP──► gateway_ip:53 ──► Pipeline (intercepts before the router)
+//!                                          │ DnsServer::handle_query(now, net, ...)
+//!                                          ├─ the asker's network's names: A / PTR / NODATA
+//!                                          ├─ cache hit: the cached answer, TTLs aged
+//!                                          └─ forward: new id + port, pending table
+//!                                                 │ raw uplink: UDP from the uplink address
+//!                                                 │ otherwise: a host UDP socket (dataplane)
+//!  container ◄──UDP── gateway_ip:53 ◄── reply ◄───┘ DnsServer::handle_upstream / expire
+//! ```
+//! - [`table`]: names per network (a name on another network is not visible).
+//! - [`server`]: the pure core (time is an argument; fuzzed in `fuzz/fuzz_targets/dns.rs`).
+//! - [`packet`]: UDP/IPv4 framing around it.
+//!
+//! Only UDP is served: answers that do not fit a datagram go out with TC set (a TCP retry to
+//! the gateway gets a reset).
+
+#[cfg(test)]
+mod core_tests;
+pub mod packet;
+pub mod server;
+pub mod table;
+
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::path::Path;
+
+pub use server::{DnsConfig, DnsCounters, DnsServer, Output};
+pub use table::{normalize, Names, NetInfo, Reverse};
+
+/// The nameservers of a resolv.conf text (IPv4 only: the dataplane forwards over IPv4).
+pub fn parse_resolv_conf(text: &str) -> Vec<Ipv4Addr> {
+    text.lines()
+        .filter_map(|l| {
+            let mut w = l.split_whitespace();
+            (w.next() == Some("nameserver"))
+                .then(|| w.next())
+                .flatten()
+                .and_then(|a| a.parse().ok())
+        })
+        .collect()
+}
+
+/// The host's upstream resolvers: `/etc/resolv.conf`, or systemd-resolved's real upstreams
+/// when the file names only its local stub (127.0.0.53), as Docker does.
+pub fn host_upstreams() -> Vec<Ipv4Addr> {
+    let read = |p: &str| {
+        std::fs::read_to_string(p)
+            .map(|t| parse_resolv_conf(&t))
+            .unwrap_or_default()
+    };
+    let main = read("/etc/resolv.conf");
+    if !main.is_empty() && main.iter().all(Ipv4Addr::is_loopback) {
+        let real = read("/run/systemd/resolve/resolv.conf");
+        if !real.is_empty() {
+            return real;
+        }
+    }
+    main
+}
+
+/// Upstream socket addresses from `--dns` (or the host's), port 53.
+pub fn upstream_addrs(ips: &[Ipv4Addr]) -> Vec<SocketAddrV4> {
+    ips.iter().map(|ip| SocketAddrV4::new(*ip, 53)).collect()
+}
+
+/// The resolv.conf a container on a network with gateway `gateway` gets.
+pub fn container_resolv_conf(gateway: Ipv4Addr, search: Option<&str>) -> String {
+    let mut s = format!(
+        "# written by switchyard: the network's embedded DNS server\nnameserver {gateway}\n"
+    );
+    if let Some(d) = search {
+        s.push_str(&format!("search {d}\n"));
+    }
+    s.push_str("options ndots:0\n");
+    s
+}
+
+/// `/etc/netns/NAME/resolv.conf` for a namespace at `/run/netns/NAME` (`ip netns exec`
+/// bind-mounts it over /etc/resolv.conf); `None` for any other path.
+pub fn netns_resolv_path(netns: &str) -> Option<std::path::PathBuf> {
+    let name = Path::new(netns)
+        .strip_prefix("/run/netns")
+        .or_else(|_| Path::new(netns).strip_prefix("/var/run/netns"))
+        .ok()?;
+    let n = name.to_str()?;
+    if n.is_empty() || n.contains('/') || n == "." || n == ".." {
+        return None;
+    }
+    Some(Path::new("/etc/netns").join(n).join("resolv.conf"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resolv_conf_round_trip() {
+        let t = "# x\nsearch a.b\nnameserver 192.0.2.53\nnameserver ::1\nnameserver 198.51.100.1 # c\noptions edns0\n";
+        assert_eq!(
+            parse_resolv_conf(t),
+            vec![Ipv4Addr::new(192, 0, 2, 53), Ipv4Addr::new(198, 51, 100, 1)]
+        );
+        let c = container_resolv_conf(Ipv4Addr::new(10, 9, 0, 1), Some("corp.test"));
+        assert_eq!(parse_resolv_conf(&c), vec![Ipv4Addr::new(10, 9, 0, 1)]);
+        assert!(c.contains("search corp.test\n"));
+    }
+
+    #[test]
+    fn netns_paths() {
+        assert_eq!(
+            netns_resolv_path("/run/netns/c1"),
+            Some("/etc/netns/c1/resolv.conf".into())
+        );
+        assert_eq!(netns_resolv_path("/proc/12/ns/net"), None);
+        assert_eq!(netns_resolv_path("/run/netns/../x"), None);
+        assert_eq!(netns_resolv_path("/run/netns/"), None);
+    }
+}
