@@ -25,6 +25,8 @@ use crate::error::{Error, Result};
 use crate::pipeline::{Out, Pipeline};
 use crate::uplink::{SocketCounters, SocketUplink, SocketUplinkConfig, TOKEN_BASE};
 
+mod dns_io;
+
 const WAKER: Token = Token(0);
 const UPLINK: Token = Token(1);
 const PORT_BASE: usize = 2;
@@ -160,6 +162,8 @@ pub struct DpState {
     captures: Captures,
     /// The socket uplink (host mode), when the daemon runs one.
     host: Option<SocketUplink>,
+    /// The embedded DNS server's host socket and timers (see `dns_io.rs`).
+    dns_io: dns_io::DnsIo,
     gso_scratch: Vec<u8>,
     registry: Registry,
     start: std::time::Instant,
@@ -443,6 +447,9 @@ fn run(mut poll: Poll, jobs: Receiver<Job>, mut st: DpState) {
             if let Some(t) = st.host.as_ref().and_then(SocketUplink::poll_at) {
                 due = due.min(t);
             }
+            if let Some(t) = st.dns_due() {
+                due = due.min(t);
+            }
             due.saturating_duration_since(std::time::Instant::now())
         } else {
             StdDuration::ZERO
@@ -453,9 +460,12 @@ fn run(mut poll: Poll, jobs: Receiver<Job>, mut st: DpState) {
                 return;
             }
         }
+        let mut dns_readable = false;
         for ev in events.iter() {
             let t = ev.token();
-            if t.0 >= TOKEN_BASE {
+            if t == dns_io::DNS_TOKEN {
+                dns_readable = true;
+            } else if t.0 >= TOKEN_BASE {
                 st.host_event(t);
             } else if t != WAKER && is_ready.insert(t) {
                 ready.push(t);
@@ -479,6 +489,7 @@ fn run(mut poll: Poll, jobs: Receiver<Job>, mut st: DpState) {
             }
         }
         st.host_flush();
+        st.dns_round(dns_readable);
         if std::time::Instant::now() >= next_housekeeping {
             st.housekeeping();
             next_housekeeping = std::time::Instant::now() + HOUSEKEEPING;
@@ -511,6 +522,7 @@ impl Dataplane {
             uplink_counters: UplinkCounters::default(),
             captures: Captures::default(),
             host: None,
+            dns_io: dns_io::DnsIo::default(),
             gso_scratch: Vec::with_capacity(MAX_FRAME),
             registry,
             start: std::time::Instant::now(),

@@ -6,7 +6,7 @@
 //! type, so what a capture does in replay is what the daemon does with it.
 
 use std::collections::HashMap;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddrV4};
 
 use switchyard_nat::{
     Egress as RouterEgress, Emits, NetworkConfig, PortForward, Router, RouterConfig, RxMeta,
@@ -16,6 +16,8 @@ use switchyard_switch::{
     DropReason, Forward, Instant, MacAddr, NetworkId, PortId, PortKind, Switch, SwitchConfig,
 };
 
+use crate::dns::packet::{udp_frame, udp_packet, udp_to, DNS_PORT};
+use crate::dns::{DnsConfig, DnsServer, NetInfo, Output as DnsOut};
 use crate::error::{Error, Result};
 
 /// Where the pipeline sends a frame.
@@ -80,6 +82,10 @@ pub struct Pipeline {
     flood: Vec<PortId>,
     /// Bare IPv4 packets for the host-socket uplink from the last top-level call (host mode).
     host: Emits,
+    /// The embedded DNS server, at the gateway of every network it serves (none by default).
+    pub dns: DnsServer,
+    /// Upstream DNS queries waiting for a host socket (no raw uplink): (upstream, message).
+    dns_host: Vec<(SocketAddrV4, Vec<u8>)>,
 }
 
 impl Pipeline {
@@ -91,6 +97,8 @@ impl Pipeline {
             emits: Emits::new(),
             flood: Vec::new(),
             host: Emits::new(),
+            dns: DnsServer::new(DnsConfig::default()),
+            dns_host: Vec::new(),
         }
     }
 
@@ -254,6 +262,9 @@ impl Pipeline {
         tx: &mut dyn FnMut(Out, &[u8]) -> bool,
     ) -> Verdict {
         self.host.clear();
+        if self.dns_reply_on_uplink(frame, meta, now, tx) {
+            return Verdict::Forwarded;
+        }
         let mut emits = std::mem::take(&mut self.emits);
         emits.clear();
         let v = self.router.handle_from_uplink(frame, meta, now, &mut emits);
@@ -275,6 +286,10 @@ impl Pipeline {
             let Some(net) = self.switch.port_network(port) else {
                 return Verdict::Dropped(DropReason::UnknownPort);
             };
+            if let Some(v) = self.dns_query(net, frame, meta, now, tx) {
+                self.switch.note_tx(port, frame.len());
+                return v;
+            }
             let mut emits = std::mem::take(&mut self.emits);
             emits.clear();
             let v = self
@@ -318,5 +333,146 @@ impl Pipeline {
                 }
             }
         }
+    }
+}
+
+/// The embedded DNS server's side of the pipeline: queries to a gateway's port 53 are taken
+/// before the router (which would answer port-unreachable, or hand them to the socket
+/// uplink), replies go back into the network from the gateway, upstream queries leave from
+/// the raw uplink's address or wait in [`Pipeline::dns_take_upstream`] for a host socket.
+impl Pipeline {
+    /// Serve DNS at `net`'s gateway (`Some`), or stop (`None`: its names go too).
+    pub fn set_dns_network(&mut self, net: NetworkId, info: Option<NetInfo>) {
+        match info {
+            Some(i) => self.dns.set_network(net, i),
+            None => self.dns.forget_network(net),
+        }
+    }
+
+    /// A query for `net`'s gateway port 53 from one of its endpoints: answered, forwarded or
+    /// dropped here. `None`: not DNS for us; the router takes the frame.
+    fn dns_query(
+        &mut self,
+        net: NetworkId,
+        frame: &[u8],
+        meta: RxMeta,
+        now: Instant,
+        tx: &mut dyn FnMut(Out, &[u8]) -> bool,
+    ) -> Option<Verdict> {
+        let info = self.dns.names.network(net)?;
+        let (gateway, mtu) = (info.gateway, info.mtu);
+        let gw_mac = self.router.network_for(gateway)?.gateway_mac;
+        let Ok(Some(d)) = udp_to(frame, gw_mac, gateway, meta.partial_csum) else {
+            return None;
+        };
+        if d.dst.port() != DNS_PORT {
+            return None;
+        }
+        // Only the network's own endpoints are served (the table is keyed by the asker).
+        if self.router.endpoint_mac(net, *d.src.ip()) != Some(d.src_mac) {
+            return Some(Verdict::Dropped(DropReason::NotForUs));
+        }
+        let max_udp = mtu.saturating_sub(28);
+        self.dns
+            .handle_query(now, net, gateway, d.src, &frame[d.payload], max_udp);
+        Some(if self.dns_flush(now, tx) {
+            Verdict::Answered
+        } else {
+            Verdict::Consumed
+        })
+    }
+
+    /// An upstream's answer to the uplink address: true when the DNS server took it.
+    fn dns_reply_on_uplink(
+        &mut self,
+        frame: &[u8],
+        meta: RxMeta,
+        now: Instant,
+        tx: &mut dyn FnMut(Out, &[u8]) -> bool,
+    ) -> bool {
+        if self.dns.pending_len() == 0 {
+            return false;
+        }
+        let Some(up) = self.router.uplink().copied() else {
+            return false;
+        };
+        let Ok(Some(d)) = udp_to(frame, up.mac, up.addr, meta.partial_csum) else {
+            return false;
+        };
+        if d.src.port() != DNS_PORT || !self.dns.expects(d.src, d.dst.port()) {
+            return false;
+        }
+        self.dns
+            .handle_upstream(now, d.src, Some(d.dst.port()), &frame[d.payload]);
+        self.dns_flush(now, tx);
+        true
+    }
+
+    /// An upstream's answer received on a host socket.
+    pub fn dns_from_host(
+        &mut self,
+        from: SocketAddrV4,
+        payload: &[u8],
+        now: Instant,
+        tx: &mut dyn FnMut(Out, &[u8]) -> bool,
+    ) {
+        self.dns.handle_upstream(now, from, None, payload);
+        self.dns_flush(now, tx);
+    }
+
+    /// Retry or fail overdue forwarded queries (the dataplane calls it on its timer).
+    pub fn dns_expire(&mut self, now: Instant, tx: &mut dyn FnMut(Out, &[u8]) -> bool) {
+        self.dns.expire(now);
+        self.dns_flush(now, tx);
+    }
+
+    /// Upstream queries for a host socket: (upstream, DNS message).
+    pub fn dns_take_upstream(&mut self) -> Vec<(SocketAddrV4, Vec<u8>)> {
+        std::mem::take(&mut self.dns_host)
+    }
+
+    /// Send what the DNS server produced; true when a reply went to a container.
+    fn dns_flush(&mut self, now: Instant, tx: &mut dyn FnMut(Out, &[u8]) -> bool) -> bool {
+        let outs: Vec<DnsOut> = self.dns.drain().collect();
+        let mut replied = false;
+        for o in outs {
+            match o {
+                DnsOut::Reply {
+                    net,
+                    server,
+                    client,
+                    payload,
+                } => {
+                    let Some(mac) = self.router.endpoint_mac(net, *client.ip()) else {
+                        continue;
+                    };
+                    let Some(gw_mac) = self.router.network_for(server).map(|n| n.gateway_mac)
+                    else {
+                        continue;
+                    };
+                    let Some(rp) = self.router_port(net) else {
+                        continue;
+                    };
+                    let from = SocketAddrV4::new(server, DNS_PORT);
+                    let f = udp_frame(gw_mac, mac, from, client, &payload);
+                    self.port_rx(rp, &f, RxMeta::default(), now, tx);
+                    replied = true;
+                }
+                DnsOut::Upstream { to, port, payload } => {
+                    match self.router.uplink().map(|u| u.addr) {
+                        Some(addr) => {
+                            let pkt = udp_packet(SocketAddrV4::new(addr, port), to, &payload);
+                            let mut emits = std::mem::take(&mut self.emits);
+                            emits.clear();
+                            self.router.send_from_uplink_addr(&pkt, now, &mut emits);
+                            self.deliver(&emits, now, tx);
+                            self.emits = emits;
+                        }
+                        None => self.dns_host.push((to, payload)),
+                    }
+                }
+            }
+        }
+        replied
     }
 }

@@ -21,6 +21,8 @@
 #[cfg(test)]
 mod core_tests;
 pub mod packet;
+#[cfg(test)]
+mod pipeline_tests;
 pub mod server;
 pub mod table;
 
