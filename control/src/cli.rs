@@ -142,6 +142,13 @@ pub struct DaemonArgs {
     /// Where to serve the Docker driver API instead of /run/docker/plugins/switchyard.sock.
     #[arg(long, value_name = "PATH")]
     pub docker_plugin_socket: Option<PathBuf>,
+    /// Upstream DNS server for names the embedded DNS does not know (repeatable; default: the
+    /// nameservers of /etc/resolv.conf).
+    #[arg(long = "dns", value_name = "IP")]
+    pub dns: Vec<Ipv4Addr>,
+    /// Serve the embedded DNS on the default `bridge` network too (off, like Docker's).
+    #[arg(long)]
+    pub bridge_dns: bool,
 }
 
 #[derive(Subcommand, Debug)]
@@ -200,6 +207,9 @@ pub struct ConnectArgs {
     pub kind: Option<String>,
     #[arg(short = 'p', long = "publish")]
     pub publish: Vec<String>,
+    /// Another name for the endpoint in its network's DNS (repeatable).
+    #[arg(long = "alias", value_name = "NAME")]
+    pub aliases: Vec<String>,
     #[arg(long)]
     pub json: bool,
 }
@@ -412,6 +422,7 @@ pub fn connect(socket: &Option<PathBuf>, a: ConnectArgs) -> Result<i32> {
             ifname: a.ifname,
             kind,
             publish: a.publish,
+            aliases: a.aliases,
         },
     )?;
     if a.json {

@@ -59,6 +59,10 @@ pub struct DaemonConfig {
     pub conntrack_timeouts: Vec<(String, u64)>,
     /// Serve Docker's remote network driver API on this socket.
     pub docker_plugin: Option<PathBuf>,
+    /// Upstream DNS servers (`--dns`); empty: the host's /etc/resolv.conf.
+    pub dns: Vec<Ipv4Addr>,
+    /// Serve the embedded DNS on the default `bridge` network too.
+    pub bridge_dns: bool,
 }
 
 /// Apply `NAME=SECS` overrides to the conntrack timeouts.
@@ -102,6 +106,8 @@ struct Network {
     pool: Pool,
     router_port: PortId,
     endpoints: BTreeMap<String, Endpoint>,
+    /// The embedded DNS server answers at the gateway.
+    dns: bool,
 }
 
 impl Network {
@@ -116,6 +122,7 @@ impl Network {
             gateway_mac: self.rec.gateway_mac,
             internal: self.rec.internal,
             mtu: self.rec.mtu,
+            dns: self.dns,
             created: self.rec.created,
             endpoints: self
                 .endpoints
@@ -138,6 +145,7 @@ impl Network {
             kind: e.rec.kind,
             host_ifname: e.rec.host_ifname.clone(),
             ports: e.rec.ports.clone(),
+            aliases: e.rec.aliases.clone(),
         }
     }
 }
@@ -460,6 +468,15 @@ impl Daemon {
             internal: p.internal,
             mtu: mtu as usize,
         };
+        let dns = (p.name != DEFAULT_NETWORK || self.cfg.bridge_dns).then(|| crate::dns::NetInfo {
+            subnet: subnet.network(),
+            prefix_len: subnet.prefix_len(),
+            gateway,
+            internal: p.internal,
+            domain: None,
+            mtu: mtu as usize,
+        });
+        let has_dns = dns.is_some();
         self.dp(move |dp| -> Result<()> {
             let now = dp.now();
             dp.pipeline
@@ -482,9 +499,11 @@ impl Daemon {
                 )
                 .map_err(|e| Error::internal(e.to_string()))?;
             dp.pipeline.set_router_port(nid, Some(router_port));
+            dp.pipeline.set_dns_network(nid, dns);
             Ok(())
         })??;
         let net = Network {
+            dns: has_dns,
             rec,
             nid,
             pool,
@@ -519,6 +538,7 @@ impl Daemon {
             dp.pipeline.set_router_port(nid, None);
             let _ = dp.pipeline.switch.remove_network(nid);
             let _ = dp.pipeline.router.remove_network(nid);
+            dp.pipeline.set_dns_network(nid, None);
         })?;
         st.networks.remove(name);
         tracing::info!(network = %name, "network removed");
@@ -576,6 +596,13 @@ impl Daemon {
             },
         };
         valid_name("endpoint", &name)?;
+        for a in &p.aliases {
+            if crate::dns::normalize(a).is_none() {
+                return Err(Error::invalid(format!(
+                    "invalid alias {a:?}: use a DNS name (letters, digits, '-', '_', dots between labels)"
+                )));
+            }
+        }
         let kind = p.kind.unwrap_or_default();
         // Rootless: the container's namespaces are entered by a helper process through a pid.
         let helper_pid = if self.uid == 0 {
@@ -736,12 +763,35 @@ impl Daemon {
             host_ifname,
             ports: mappings,
             docker_endpoint: None,
+            aliases: p.aliases.clone(),
         };
+        self.dns_names(nid, ip, &rec, gateway);
         let net = st.net_mut(&p.network)?;
         net.endpoints.insert(name.clone(), Endpoint { rec, port });
         let info = net.endpoint_info(&net.endpoints[&name]);
         tracing::info!(network = %p.network, endpoint = %name, %ip, %mac, kind = %kind, network_id = %&net_id[..12], "endpoint connected");
         Ok(info)
+    }
+
+    /// The endpoint's name and aliases into its network's DNS (when the network has DNS), and
+    /// `/etc/netns/NAME/resolv.conf` for a namespace at `/run/netns/NAME`.
+    fn dns_names(&self, nid: NetworkId, ip: Ipv4Addr, rec: &EndpointRecord, gateway: Ipv4Addr) {
+        let mut names = vec![rec.name.clone()];
+        names.extend(rec.aliases.iter().cloned());
+        let served = self.dp(move |dp| {
+            if !dp.pipeline.dns.names.serves(nid) {
+                return Ok(false);
+            }
+            dp.pipeline.dns.names.add(nid, ip, &names).map(|_| true)
+        });
+        match served {
+            Ok(Ok(true)) => {
+                crate::dns::write_netns_resolv(&rec.netns, gateway, None);
+            }
+            Ok(Ok(false)) => {}
+            Ok(Err(e)) => tracing::warn!(endpoint = %rec.name, "DNS names not added: {e}"),
+            Err(e) => tracing::warn!(endpoint = %rec.name, "DNS names not added: {e}"),
+        }
     }
 
     /// Put an endpoint's port on the switch, its address and forwards in the router, and its fd
@@ -811,11 +861,13 @@ impl Daemon {
             let io = dp.detach(port);
             let _ = dp.pipeline.switch.remove_port(port);
             dp.pipeline.router.remove_endpoint(nid, ip);
+            dp.pipeline.dns.names.remove(nid, ip);
             for f in &fwd {
                 remove_forward(dp, f);
             }
             io
         });
+        crate::dns::remove_netns_resolv(&ep.rec.netns, net.rec.gateway);
         // Closing a tap fd removes the device (and lets its namespace go).
         drop(io);
         if let Some(h) = &ep.rec.host_ifname {
@@ -1296,6 +1348,7 @@ impl Daemon {
                     // Docker renamed its interface inside the container: take the first free ethN.
                     ifname: e.docker_endpoint.is_none().then(|| e.ifname.clone()),
                     kind: Some(e.kind),
+                    aliases: e.aliases.clone(),
                     publish: e
                         .ports
                         .iter()
@@ -1339,6 +1392,8 @@ impl Daemon {
                 if let Some(h) = &e.rec.host_ifname {
                     let _ = plumbing::remove_veth(h);
                 }
+                // Written again when the endpoint is restored.
+                crate::dns::remove_netns_resolv(&e.rec.netns, n.rec.gateway);
             }
         }
         let _ = std::fs::remove_file(&self.cfg.socket);
@@ -1497,6 +1552,21 @@ pub fn run(cfg: DaemonConfig) -> Result<()> {
     }
     let mut pipeline = Pipeline::new(scfg, rcfg);
     pipeline.router.set_uplink(uplink_cfg);
+    let mut upstreams = if cfg.dns.is_empty() {
+        crate::dns::host_upstreams()
+    } else {
+        cfg.dns.clone()
+    };
+    if cfg.uplink.is_some() {
+        // From the uplink address a host-local resolver (127.0.0.53) is out of reach.
+        upstreams.retain(|ip| !ip.is_loopback());
+    }
+    tracing::info!(upstreams = ?upstreams, bridge = cfg.bridge_dns, "embedded DNS");
+    pipeline.dns = crate::dns::DnsServer::new(crate::dns::DnsConfig {
+        upstreams: crate::dns::upstream_addrs(&upstreams),
+        seed: rcfg.seed.rotate_left(17) ^ 0x9e37_79b9_7f4a_7c15,
+        ..Default::default()
+    });
     let dp = Dataplane::spawn(pipeline, uplink_sock)
         .map_err(|e| Error::system(format!("starting the dataplane: {e}")))?;
     if cfg.uplink.is_none() {

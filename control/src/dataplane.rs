@@ -18,7 +18,9 @@ use mio::{Events, Interest, Poll, Registry, Token, Waker};
 use switchyard_nat::RxMeta;
 use switchyard_switch::backend::packet::PacketSocket;
 use switchyard_switch::backend::tap::Tap;
-use switchyard_switch::gso::{segment_tcp4, VnetHdr, GSO_NONE, GSO_TCPV4};
+use switchyard_switch::gso::{
+    complete_checksum, segment_tcp4, VnetHdr, GSO_NONE, GSO_TCPV4, VNET_HDR_LEN,
+};
 use switchyard_switch::{Instant, PortId};
 
 use crate::error::{Error, Result};
@@ -44,16 +46,72 @@ pub enum PortIo {
 }
 
 impl PortIo {
-    fn read(&self, buf: &mut [u8]) -> io::Result<(usize, RxMeta)> {
+    /// Read one frame: it is `buf[start..end]`; with a vnet-header tap, the header when it
+    /// asks for something (GSO or a partial checksum).
+    fn read(&self, buf: &mut [u8]) -> io::Result<(usize, usize, RxMeta, Option<VnetHdr>)> {
         match self {
-            PortIo::Tap(t) => Ok((t.read(buf)?, RxMeta::default())),
-            PortIo::Packet(p) => read_packet(p, buf),
+            PortIo::Tap(t) if t.vnet_hdr() => {
+                let n = t.read(buf)?;
+                let Some(h) = VnetHdr::parse(&buf[..n]) else {
+                    return Ok((0, 0, RxMeta::default(), None));
+                };
+                let asks = h.gso() != GSO_NONE || h.needs_csum();
+                Ok((VNET_HDR_LEN, n, RxMeta::default(), asks.then_some(h)))
+            }
+            PortIo::Tap(t) => Ok((0, t.read(buf)?, RxMeta::default(), None)),
+            PortIo::Packet(p) => read_packet_vnet_any(p, buf).map(|(n, m, h)| (0, n, m, h)),
         }
     }
-    fn write(&self, frame: &[u8]) -> io::Result<usize> {
+
+    /// Write one frame. With `hdr` (an offloaded frame from a vnet tap): a vnet tap takes it as
+    /// is; any other port gets it finished in software (cut into segments, checksum completed).
+    fn write(
+        &self,
+        frame: &[u8],
+        hdr: Option<&VnetHdr>,
+        scratch: &mut Vec<u8>,
+    ) -> io::Result<usize> {
         match self {
-            PortIo::Tap(t) => t.write(frame),
-            PortIo::Packet(p) => p.write(frame),
+            PortIo::Tap(t) if t.vnet_hdr() => {
+                let h = hdr.map(VnetHdr::emit).unwrap_or([0; VNET_HDR_LEN]);
+                return t.write_with_hdr(&h, frame);
+            }
+            PortIo::Packet(p) if p.is_vnet() => {
+                let h = hdr.map(VnetHdr::emit).unwrap_or([0; VNET_HDR_LEN]);
+                return p.write_with_hdr(&h, frame);
+            }
+            _ => {}
+        }
+        let raw = |f: &[u8]| match self {
+            PortIo::Tap(t) => t.write(f),
+            PortIo::Packet(p) => p.write(f),
+        };
+        match hdr {
+            Some(h) if h.gso() == GSO_TCPV4 => {
+                let mut res = Ok(0);
+                let cut = segment_tcp4(frame, usize::from(h.gso_size), scratch, &mut |seg| {
+                    if res.is_ok() {
+                        res = raw(seg);
+                    }
+                });
+                cut.map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("{e:?}")))?;
+                res.map(|_| frame.len())
+            }
+            Some(h) if h.gso() == GSO_NONE && h.needs_csum() => {
+                scratch.clear();
+                scratch.extend_from_slice(frame);
+                complete_checksum(
+                    scratch,
+                    usize::from(h.csum_start),
+                    usize::from(h.csum_offset),
+                );
+                raw(scratch)
+            }
+            Some(_) => Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "GSO kind not cut in software",
+            )),
+            None => raw(frame),
         }
     }
     fn raw_fd(&self) -> RawFd {
@@ -64,8 +122,20 @@ impl PortIo {
     }
 }
 
-fn read_packet(p: &PacketSocket, buf: &mut [u8]) -> io::Result<(usize, RxMeta)> {
-    read_packet_vnet(p, buf).map(|(n, m, _)| (n, m))
+/// A frame from an endpoint's AF_PACKET socket with its vnet header when it asks for something.
+fn read_packet_vnet_any(
+    p: &PacketSocket,
+    buf: &mut [u8],
+) -> io::Result<(usize, RxMeta, Option<VnetHdr>)> {
+    let (n, info) = p.read_meta(buf)?;
+    let hdr = info.vnet.filter(|h| h.gso() != GSO_NONE || h.needs_csum());
+    Ok((
+        n,
+        RxMeta {
+            partial_csum: info.partial_csum,
+        },
+        hdr,
+    ))
 }
 
 /// A frame from an AF_PACKET socket, with the GSO size when the kernel left it unsegmented.
@@ -165,6 +235,7 @@ pub struct DpState {
     /// The embedded DNS server's host socket and timers (see `dns_io.rs`).
     dns_io: dns_io::DnsIo,
     gso_scratch: Vec<u8>,
+    tx_scratch: Vec<u8>,
     registry: Registry,
     start: std::time::Instant,
 }
@@ -243,6 +314,7 @@ impl DpState {
             captures,
             host,
             gso_scratch,
+            tx_scratch,
             ..
         } = self;
         let captures = &*captures;
@@ -251,11 +323,11 @@ impl DpState {
         let (ports, uplink) = (&*ports, uplink.as_ref());
         let (mut tx_pk, mut tx_by, mut tx_fail, mut rx_pk, mut rx_by) =
             (0u64, 0u64, 0u64, 0u64, 0u64);
-        let mut tx = |out: Out, frame: &[u8]| -> bool {
+        let mut tx = |out: Out, frame: &[u8], hdr: Option<&VnetHdr>| -> bool {
             let r = match out {
                 Out::Port(p) => match ports.get(p.0 as usize).and_then(Option::as_ref) {
                     Some(io) => {
-                        let r = io.write(frame);
+                        let r = io.write(frame, hdr, tx_scratch);
                         if capturing && r.is_ok() {
                             captures.copy(p, Direction::ToContainer, frame);
                         }
@@ -285,25 +357,34 @@ impl DpState {
             budget -= 1;
             let (r, port) = if token == UPLINK {
                 match uplink {
-                    Some(u) => (read_packet_vnet(u, buf), None),
+                    Some(u) => (read_packet_vnet(u, buf).map(|(n, m, g)| (0, n, m, g)), None),
                     None => break true,
                 }
             } else {
                 let id = PortId((token.0 - PORT_BASE) as u32);
                 match ports.get(id.0 as usize).and_then(Option::as_ref) {
-                    Some(io) => (io.read(buf).map(|(n, m)| (n, m, None)), Some(id)),
+                    Some(io) => (io.read(buf), Some(id)),
                     None => break true,
                 }
             };
             match r {
-                Ok((n, meta, gso)) => {
-                    let frame = &buf[..n];
+                Ok((start, n, meta, gso)) => {
+                    let frame = &buf[start..n];
                     match port {
                         Some(id) => {
                             if capturing {
                                 captures.copy(id, Direction::FromContainer, frame);
                             }
-                            pipeline.from_port(id, frame, meta, now, &mut tx);
+                            match &gso {
+                                Some(h) => {
+                                    pipeline.from_port_offloaded(id, frame, h, now, &mut tx);
+                                }
+                                None => {
+                                    pipeline.from_port(id, frame, meta, now, &mut |o, f| {
+                                        tx(o, f, None)
+                                    });
+                                }
+                            }
                             if let Some(h) = host.as_mut() {
                                 for p in pipeline.host_packets() {
                                     h.from_container(p, &pipeline.router, wall);
@@ -326,7 +407,7 @@ impl DpState {
                                                 seg,
                                                 RxMeta::default(),
                                                 now,
-                                                &mut tx,
+                                                &mut |o, f| tx(o, f, None),
                                             );
                                         },
                                     );
@@ -336,7 +417,8 @@ impl DpState {
                                 }
                                 Some(_) => up.gso_dropped += 1,
                                 None => {
-                                    pipeline.from_uplink(frame, meta, now, &mut tx);
+                                    pipeline
+                                        .from_uplink(frame, meta, now, &mut |o, f| tx(o, f, None));
                                 }
                             }
                         }
@@ -422,7 +504,7 @@ impl DpState {
             let Some(io) = ports.get(p.0 as usize).and_then(Option::as_ref) else {
                 return false;
             };
-            let ok = io.write(frame).is_ok();
+            let ok = io.write(frame, None, &mut Vec::new()).is_ok();
             if capturing && ok {
                 captures.copy(p, Direction::ToContainer, frame);
             }
@@ -524,6 +606,7 @@ impl Dataplane {
             host: None,
             dns_io: dns_io::DnsIo::default(),
             gso_scratch: Vec::with_capacity(MAX_FRAME),
+            tx_scratch: Vec::with_capacity(MAX_FRAME),
             registry,
             start: std::time::Instant::now(),
         };

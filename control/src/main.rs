@@ -68,6 +68,8 @@ fn real_main(cli: Cli) -> Result<i32> {
                 state_dir: a.state_dir.unwrap_or_else(default_state_dir),
                 uplink,
                 host_loopback: a.host_loopback,
+                dns: a.dns,
+                bridge_dns: a.bridge_dns,
                 mac_aging: std::time::Duration::from_secs(a.mac_aging),
                 conntrack_max: a.conntrack_max,
                 docker_plugin: match (a.docker_plugin, a.docker_plugin_socket) {

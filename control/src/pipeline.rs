@@ -16,6 +16,8 @@ use switchyard_switch::{
     DropReason, Forward, Instant, MacAddr, NetworkId, PortId, PortKind, Switch, SwitchConfig,
 };
 
+use switchyard_switch::gso::{segment_tcp4, VnetHdr, GSO_NONE, GSO_TCPV4};
+
 use crate::dns::packet::{udp_frame, udp_packet, udp_to, DNS_PORT};
 use crate::dns::{DnsConfig, DnsServer, NetInfo, Output as DnsOut};
 use crate::error::{Error, Result};
@@ -28,6 +30,9 @@ pub enum Out {
     /// The uplink interface.
     Uplink,
 }
+
+/// Where offloaded frames go: the egress, the frame, and its virtio-net header if it keeps one.
+pub type OffloadTx<'a> = dyn FnMut(Out, &[u8], Option<&VnetHdr>) -> bool + 'a;
 
 /// What became of one input frame (replay's verdicts).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -82,6 +87,8 @@ pub struct Pipeline {
     flood: Vec<PortId>,
     /// Bare IPv4 packets for the host-socket uplink from the last top-level call (host mode).
     host: Emits,
+    /// Segments of an offloaded frame on their way to the router.
+    seg: Vec<u8>,
     /// The embedded DNS server, at the gateway of every network it serves (none by default).
     pub dns: DnsServer,
     /// Upstream DNS queries waiting for a host socket (no raw uplink): (upstream, message).
@@ -97,6 +104,7 @@ impl Pipeline {
             emits: Emits::new(),
             flood: Vec::new(),
             host: Emits::new(),
+            seg: Vec::new(),
             dns: DnsServer::new(DnsConfig::default()),
             dns_host: Vec::new(),
         }
@@ -251,6 +259,87 @@ impl Pipeline {
                 verdict
             }
         }
+    }
+
+    /// An offloaded frame from an endpoint port: a GSO super-frame and/or one whose L4 checksum
+    /// is partial, as `hdr` describes. Endpoint egresses get it whole, with its header (`tx` is
+    /// given `Some(hdr)`: a vnet-capable port passes it on, others finish it in software); the
+    /// router gets it cut into wire-sized segments with complete checksums.
+    pub fn from_port_offloaded(
+        &mut self,
+        ingress: PortId,
+        frame: &[u8],
+        hdr: &VnetHdr,
+        now: Instant,
+        tx: &mut OffloadTx<'_>,
+    ) -> Verdict {
+        self.host.clear();
+        // The size on the wire of one segment, for the MTU check (a lower bound: TCP options
+        // are not counted, so a legal frame is never refused).
+        let wire = if hdr.gso() == GSO_NONE {
+            frame.len()
+        } else {
+            usize::from(hdr.csum_start) + 20 + usize::from(hdr.gso_size)
+        };
+        match self.switch.handle_frame_sized(ingress, frame, now, wire) {
+            Forward::Drop(r) => Verdict::Dropped(r),
+            Forward::Unicast(p) => self.output_offloaded(p, frame, hdr, now, tx, false),
+            Forward::Flood(net) => {
+                let mut ports = std::mem::take(&mut self.flood);
+                ports.clear();
+                ports.extend(self.switch.flood_ports(net, ingress));
+                let mut verdict = Verdict::Flooded;
+                for p in &ports {
+                    if let Verdict::Answered = self.output_offloaded(*p, frame, hdr, now, tx, true)
+                    {
+                        verdict = Verdict::Answered;
+                    }
+                }
+                self.flood = ports;
+                verdict
+            }
+        }
+    }
+
+    fn output_offloaded(
+        &mut self,
+        port: PortId,
+        frame: &[u8],
+        hdr: &VnetHdr,
+        now: Instant,
+        tx: &mut OffloadTx<'_>,
+        flooded: bool,
+    ) -> Verdict {
+        if self.switch.port_kind(port) != Some(PortKind::Router) {
+            return if tx(Out::Port(port), frame, Some(hdr)) {
+                self.switch.note_tx(port, frame.len());
+                Verdict::Forwarded
+            } else {
+                self.switch.note_drop(port, DropReason::TxFailed);
+                Verdict::Dropped(DropReason::TxFailed)
+            };
+        }
+        let mut plain = |o: Out, f: &[u8]| tx(o, f, None);
+        if hdr.gso() == GSO_NONE {
+            let meta = RxMeta {
+                partial_csum: hdr.needs_csum(),
+            };
+            return self.output(port, frame, meta, now, &mut plain, flooded);
+        }
+        if hdr.gso() != GSO_TCPV4 {
+            self.switch.note_drop(port, DropReason::Unsupported);
+            return Verdict::Dropped(DropReason::Unsupported);
+        }
+        let mut scratch = std::mem::take(&mut self.seg);
+        let mut verdict = Verdict::Dropped(DropReason::Malformed);
+        let r = segment_tcp4(frame, usize::from(hdr.gso_size), &mut scratch, &mut |seg| {
+            verdict = self.output(port, seg, RxMeta::default(), now, &mut plain, flooded);
+        });
+        self.seg = scratch;
+        if r.is_err() {
+            self.switch.note_drop(port, DropReason::Malformed);
+        }
+        verdict
     }
 
     /// A frame received on the uplink.

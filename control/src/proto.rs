@@ -105,6 +105,9 @@ pub struct Connect {
     pub kind: Option<EndpointType>,
     #[serde(default)]
     pub publish: Vec<String>,
+    /// More names the endpoint answers to in its network's DNS (besides `name`).
+    #[serde(default)]
+    pub aliases: Vec<String>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -152,6 +155,9 @@ pub struct EndpointInfo {
     #[serde(default)]
     pub host_ifname: Option<String>,
     pub ports: Vec<PortMapping>,
+    /// DNS aliases (`connect --alias`).
+    #[serde(default)]
+    pub aliases: Vec<String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -166,6 +172,10 @@ pub struct NetworkInfo {
     pub gateway_mac: MacAddr,
     pub internal: bool,
     pub mtu: u32,
+    /// The embedded DNS server answers at the gateway (every network but `bridge`, unless the
+    /// daemon runs with `--bridge-dns`).
+    #[serde(default)]
+    pub dns: bool,
     /// Seconds since the Unix epoch.
     pub created: u64,
     pub endpoints: Vec<EndpointInfo>,

@@ -115,6 +115,25 @@ pub fn run(socket: PathBuf, a: RunArgs) -> Result<i32> {
             return Err(e);
         }
     };
+    // On a network with DNS the command gets a resolv.conf naming the gateway; the child
+    // bind-mounts it in a private mount namespace (see `child`).
+    let resolv = resolv_path(pid as u32);
+    let _ = std::fs::remove_file(&resolv);
+    if let Ok(n) =
+        client.call::<proto::NetworkInfo>("network.inspect", json!({ "name": a.network }))
+    {
+        if n.dns {
+            let text = crate::dns::container_resolv_conf(n.gateway, None);
+            let w = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&resolv)
+                .and_then(|mut f| std::io::Write::write_all(&mut f, text.as_bytes()));
+            if let Err(e) = w {
+                eprintln!("switchyard: warning: writing {}: {e}", resolv.display());
+            }
+        }
+    }
     std::thread::spawn(move || {
         let sigs = forwarded();
         loop {
@@ -124,9 +143,9 @@ pub fn run(socket: PathBuf, a: RunArgs) -> Result<i32> {
         }
     });
     let _ = kill(Pid::from_raw(pid), Signal::SIGUSR1);
-    let status = child
-        .wait()
-        .map_err(|e| Error::system(format!("waiting for the command: {e}")))?;
+    let status = child.wait();
+    let _ = std::fs::remove_file(&resolv);
+    let status = status.map_err(|e| Error::system(format!("waiting for the command: {e}")))?;
     // The daemon also reaps endpoints whose process is gone; whichever comes first wins.
     let _ = client.call_value(
         "endpoint.disconnect",
@@ -176,6 +195,12 @@ pub fn child(cmd: Vec<String>) -> Result<i32> {
         .wait()
         .map_err(|e| Error::system(format!("waiting for the daemon: {e}")))?;
     let _ = nix::sys::prctl::set_pdeathsig(None);
+    let resolv = resolv_path(std::process::id());
+    if resolv.exists() {
+        if let Err(e) = mount_resolv(&resolv) {
+            eprintln!("switchyard: warning: no resolv.conf for the network's DNS: {e}");
+        }
+    }
     let mut all = forwarded();
     all.add(Signal::SIGUSR1);
     let _ = all.thread_unblock();
@@ -186,4 +211,37 @@ pub fn child(cmd: Vec<String>) -> Result<i32> {
     } else {
         126
     })
+}
+
+/// Where `run` leaves the resolv.conf for the command with pid `pid`.
+fn resolv_path(pid: u32) -> PathBuf {
+    let dir = std::env::var_os("XDG_RUNTIME_DIR")
+        .map(PathBuf::from)
+        .filter(|d| d.is_dir())
+        .unwrap_or_else(std::env::temp_dir);
+    dir.join(format!("switchyard-run-{pid}.resolv.conf"))
+}
+
+/// In a private mount namespace, `file` over /etc/resolv.conf (what `ip netns exec` does with
+/// /etc/netns/NAME/resolv.conf).
+fn mount_resolv(file: &std::path::Path) -> Result<()> {
+    use nix::mount::{mount, MsFlags};
+    nix::sched::unshare(CloneFlags::CLONE_NEWNS)
+        .map_err(|e| Error::system(format!("unshare(CLONE_NEWNS): {e}")))?;
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+    .map_err(|e| Error::system(format!("making / private: {e}")))?;
+    mount(
+        Some(file),
+        "/etc/resolv.conf",
+        None::<&str>,
+        MsFlags::MS_BIND,
+        None::<&str>,
+    )
+    .map_err(|e| Error::system(format!("bind mount over /etc/resolv.conf: {e}")))
 }

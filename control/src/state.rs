@@ -35,6 +35,9 @@ pub struct EndpointRecord {
     /// Set for endpoints Docker made through the network driver API (its endpoint id).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub docker_endpoint: Option<String>,
+    /// DNS aliases (`connect --alias`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub aliases: Vec<String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -169,6 +172,7 @@ mod tests {
                     host_ifname: None,
                     ports: vec![],
                     docker_endpoint: None,
+                    aliases: vec![],
                 }],
             }],
         }

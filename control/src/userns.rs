@@ -44,6 +44,9 @@ struct TapReply {
     ifname: String,
     #[serde(default)]
     error: String,
+    /// The tap was made with IFF_VNET_HDR and offloads.
+    #[serde(default)]
+    vnet: bool,
 }
 
 /// How long the helper may take.
@@ -87,7 +90,10 @@ pub fn create_tap(req: &TapRequest) -> Result<(Tap, String), String> {
         return Err(reply.error);
     }
     let fd = fd.ok_or("the namespace helper sent no tap")?;
-    Ok((Tap::from_fd(fd, reply.ifname.clone(), false), reply.ifname))
+    Ok((
+        Tap::from_fd(fd, reply.ifname.clone(), reply.vnet),
+        reply.ifname,
+    ))
 }
 
 /// Helper side (`switchyard __tap-helper JSON`): stdout is the socket to answer on.
@@ -105,6 +111,7 @@ pub fn helper(arg: &str) -> i32 {
                 ok: true,
                 ifname,
                 error: String::new(),
+                vnet: tap.vnet_hdr(),
             },
             Some(tap),
         ),
@@ -113,6 +120,7 @@ pub fn helper(arg: &str) -> i32 {
                 ok: false,
                 ifname: String::new(),
                 error,
+                vnet: false,
             },
             None,
         ),

@@ -229,6 +229,19 @@ impl Switch {
     /// Decide where `frame`, received on `ingress` at `now`, goes. Counts rx and drops.
     #[inline]
     pub fn handle_frame(&mut self, ingress: PortId, frame: &[u8], now: Instant) -> Forward {
+        self.handle_frame_sized(ingress, frame, now, frame.len())
+    }
+
+    /// Like [`Switch::handle_frame`] for an offloaded (GSO) frame, whose wire size, checked
+    /// against the MTU, is `wire_len` (headers plus one segment), not its length.
+    #[inline]
+    pub fn handle_frame_sized(
+        &mut self,
+        ingress: PortId,
+        frame: &[u8],
+        now: Instant,
+        wire_len: usize,
+    ) -> Forward {
         let Some(port) = self
             .ports
             .get_mut(ingress.0 as usize)
@@ -254,7 +267,7 @@ impl Switch {
                 return Forward::Drop(DropReason::UnknownPort);
             }
         };
-        if frame.len() > mtu + ETH_OVERHEAD {
+        if wire_len > mtu + ETH_OVERHEAD {
             port.counters.drop(DropReason::Oversize);
             return Forward::Drop(DropReason::Oversize);
         }

@@ -396,6 +396,7 @@ impl Daemon {
             host_ifname: None,
             ports: Vec::new(),
             docker_endpoint: Some(c.endpoint_id.clone()),
+            aliases: Vec::new(),
         };
         st.docker_pending.remove(&c.endpoint_id);
         st.net_mut(&network)?

@@ -94,6 +94,62 @@ pub fn netns_resolv_path(netns: &str) -> Option<std::path::PathBuf> {
     Some(Path::new("/etc/netns").join(n).join("resolv.conf"))
 }
 
+/// First line of the resolv.conf files we write: only files with it are ever replaced or
+/// removed.
+const OURS: &str = "# written by switchyard";
+
+/// Write `/etc/netns/NAME/resolv.conf` for an endpoint in `/run/netns/NAME` on a network whose
+/// DNS server is `gateway`. A file someone else wrote is left alone; returns whether ours is
+/// there now.
+pub fn write_netns_resolv(netns: &str, gateway: Ipv4Addr, search: Option<&str>) -> bool {
+    let Some(path) = netns_resolv_path(netns) else {
+        return false;
+    };
+    if let Ok(old) = std::fs::read_to_string(&path) {
+        if !old.starts_with(OURS) {
+            return false;
+        }
+        if parse_resolv_conf(&old)
+            .first()
+            .is_some_and(|g| *g != gateway)
+        {
+            // Already pointed at the first DNS network's gateway: keep it.
+            return true;
+        }
+    }
+    let write = || -> std::io::Result<()> {
+        let dir = path.parent().unwrap_or(Path::new("/etc/netns"));
+        std::fs::create_dir_all(dir)?;
+        let tmp = dir.join(".resolv.conf.switchyard");
+        std::fs::write(&tmp, container_resolv_conf(gateway, search))?;
+        std::fs::rename(&tmp, &path)
+    };
+    match write() {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::warn!(path = %path.display(), "writing resolv.conf: {e}");
+            false
+        }
+    }
+}
+
+/// Remove the file [`write_netns_resolv`] wrote for `netns` if it names `gateway` (and its
+/// directory, when that is empty then).
+pub fn remove_netns_resolv(netns: &str, gateway: Ipv4Addr) {
+    let Some(path) = netns_resolv_path(netns) else {
+        return;
+    };
+    let Ok(old) = std::fs::read_to_string(&path) else {
+        return;
+    };
+    if old.starts_with(OURS) && parse_resolv_conf(&old).first() == Some(&gateway) {
+        let _ = std::fs::remove_file(&path);
+        if let Some(dir) = path.parent() {
+            let _ = std::fs::remove_dir(dir);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -242,6 +242,8 @@ impl Drop for Env {
         }
         for n in &self.netns {
             let _ = NetNs::delete_named(n);
+            // The daemon's /etc/netns/NAME/resolv.conf, should it have been left behind.
+            let _ = std::fs::remove_dir_all(Path::new("/etc/netns").join(n));
         }
         if !std::thread::panicking() {
             let _ = std::fs::remove_dir_all(&self.dir);

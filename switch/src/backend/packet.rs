@@ -69,6 +69,10 @@ impl PacketSocket {
     /// Reads one received frame; `WouldBlock` when none is queued. Frames this host sent out of
     /// the interface (ours included) are never returned.
     pub fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.vnet {
+            // The header is taken off; `read_meta` returns it.
+            return self.read_meta(buf).map(|(n, _)| n);
+        }
         if !self.filter_outgoing {
             return Ok(socket::recv(self.fd.as_raw_fd(), buf, MsgFlags::empty())?);
         }
@@ -121,6 +125,18 @@ impl PacketSocket {
             }
             return Ok((n, info));
         }
+    }
+
+    /// Whether frames carry virtio-net headers (`open_vnet`).
+    pub fn is_vnet(&self) -> bool {
+        self.vnet
+    }
+
+    /// Sends one frame behind the given virtio-net header (sockets from `open_vnet`): a GSO
+    /// frame is segmented, a partial checksum completed, by the kernel as the egress needs.
+    pub fn write_with_hdr(&self, hdr: &[u8], frame: &[u8]) -> io::Result<usize> {
+        let n = nix::sys::uio::writev(&self.fd, &[io::IoSlice::new(hdr), io::IoSlice::new(frame)])?;
+        Ok(n.saturating_sub(hdr.len()))
     }
 
     /// Sends one frame out of the interface; `WouldBlock` when the socket buffer is full.

@@ -111,6 +111,15 @@ impl Tap {
         (&self.file).write(frame)
     }
 
+    /// Writes one frame behind a virtio-net header (taps made with `vnet_hdr`), in one writev.
+    pub fn write_with_hdr(&self, hdr: &[u8], frame: &[u8]) -> io::Result<usize> {
+        let n = nix::sys::uio::writev(
+            &self.file,
+            &[io::IoSlice::new(hdr), io::IoSlice::new(frame)],
+        )?;
+        Ok(n.saturating_sub(hdr.len()))
+    }
+
     /// Sets the offloads the reader can take (`offload::*` flags): frames may then arrive with
     /// partial checksums or as GSO super-frames, described in the vnet header.
     pub fn set_offload(&self, flags: u32) -> io::Result<()> {
