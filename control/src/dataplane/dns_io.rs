@@ -56,7 +56,7 @@ impl DpState {
                     let Some(io) = ports.get(p.0 as usize).and_then(Option::as_ref) else {
                         return false;
                     };
-                    let ok = io.write(frame).is_ok();
+                    let ok = io.write(frame, None, &mut Vec::new()).is_ok();
                     if capturing && ok {
                         captures.copy(p, Direction::ToContainer, frame);
                     }
