@@ -566,6 +566,10 @@ pub fn simple(socket: &Option<PathBuf>, cmd: Cmd) -> Result<i32> {
                 let kv = flatten_counters("", &s.uplink);
                 println!("uplink: {}", kv.join(" "));
             }
+            if !s.dns.is_null() {
+                let kv = flatten_counters("", &s.dns);
+                println!("dns: {}", kv.join(" "));
+            }
         }
         Cmd::Conntrack { json } => {
             let v = c.call_value("conntrack", json!({}))?;

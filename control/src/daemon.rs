@@ -1009,6 +1009,15 @@ impl Daemon {
     }
 
     fn stats(&self, st: &State) -> Result<proto::Stats> {
+        let dns = self.dp(|dp| {
+            let d = &dp.pipeline.dns;
+            let mut v = serde_json::to_value(d.counters()).unwrap_or(Value::Null);
+            if let Value::Object(m) = &mut v {
+                m.insert("pending".into(), json!(d.pending_len()));
+                m.insert("cached".into(), json!(d.cache_len()));
+            }
+            v
+        })?;
         let (counters, up, nat, sock) = self.dp(|dp| {
             let sw = &dp.pipeline.switch;
             let c: Vec<_> = sw
@@ -1058,7 +1067,12 @@ impl Daemon {
                 None => Value::Null,
             },
         };
-        Ok(proto::Stats { ports, uplink, nat })
+        Ok(proto::Stats {
+            ports,
+            uplink,
+            nat,
+            dns,
+        })
     }
 
     fn conntrack(&self) -> Result<Value> {

@@ -213,6 +213,9 @@ pub struct Stats {
     pub ports: Vec<PortStats>,
     pub uplink: serde_json::Value,
     pub nat: serde_json::Value,
+    /// The embedded DNS server's counters (one per outcome), pending forwards, cached answers.
+    #[serde(default)]
+    pub dns: serde_json::Value,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -259,6 +259,15 @@ fn names_resolve_on_their_own_network_and_external_names_go_upstream() {
     })
     .unwrap();
     assert_eq!(getent(&a1, "a1"), Some(vec![ip1.clone()]));
+    let stats = env.json(&["stats"]);
+    let dns = &stats["dns"];
+    assert!(dns["local_answers"].as_u64().unwrap() >= 5, "{dns}");
+    assert!(dns["forwarded"].as_u64().unwrap() >= 1, "{dns}");
+    assert!(dns["cache_hits"].as_u64().unwrap() >= 1, "{dns}");
+    assert!(
+        dns["formerr"].as_u64().unwrap() + dns["malformed_dropped"].as_u64().unwrap() >= 3,
+        "{dns}"
+    );
 
     // Stopping the daemon takes its resolv.conf files away.
     env.stop_daemon(nix::sys::signal::Signal::SIGTERM);
