@@ -181,7 +181,8 @@ fn run(cmd: &str, stdin: &[u8]) -> Result<Value, CniError> {
                 "interfaces": [{ "name": e.ifname, "mac": e.mac.to_string(), "sandbox": netns }],
                 "ips": [{ "address": format!("{}/{}", e.ip, e.prefix_len), "gateway": net.gateway.to_string(), "interface": 0 }],
                 "routes": [{ "dst": "0.0.0.0/0", "gw": net.gateway.to_string() }],
-                "dns": {},
+                // The network's embedded DNS server, for the runtime's resolv.conf.
+                "dns": if net.dns { json!({ "nameservers": [net.gateway.to_string()] }) } else { json!({}) },
             }))
         }
         "DEL" => {
