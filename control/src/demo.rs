@@ -67,6 +67,14 @@ fn rtt_summary(r: &[Duration]) -> String {
 
 /// Spawn `switchyard daemon` inside `netns_path` (via the hidden `__in-netns` helper).
 fn spawn_daemon(netns_path: &str, socket: &str, state: &str, log: &str) -> Result<Child> {
+    let uplink = [
+        "--uplink",
+        "up0",
+        "--uplink-addr",
+        "192.0.2.10/24",
+        "--uplink-gateway",
+        "192.0.2.1",
+    ];
     let exe = std::env::current_exe()?;
     let log = std::fs::File::create(log)?;
     Command::new(&exe)
@@ -81,6 +89,7 @@ fn spawn_daemon(netns_path: &str, socket: &str, state: &str, log: &str) -> Resul
             "--log-level",
             "info",
         ])
+        .args(uplink)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(log)
@@ -122,13 +131,16 @@ pub fn run() -> Result<i32> {
     let started = Instant::now();
     println!("switchyard demo: building a throw-away topology ({tag}-*)");
     let mut ns = Vec::new();
-    for n in ["host", "c1", "c2", "c3"] {
+    for n in ["host", "c1", "c2", "c3", "ext"] {
         let name = format!("{tag}-{n}");
         let path = NetNs::create_named(&name)
             .map_err(|e| Error::system(format!("creating namespace {name}: {e}")))?;
         td.netns.push(name);
         ns.push(path);
     }
+    // "Outside": a namespace holding 192.0.2.1/24, joined by a veth to the daemon's namespace,
+    // where the daemon owns `up0` and the address 192.0.2.10 (the raw uplink).
+    make_outside(&ns[0], &ns[4])?;
     let sock = dir.join("control.sock").display().to_string();
     let log = dir.join("daemon.log").display().to_string();
     let state = dir.join("state").display().to_string();
@@ -154,6 +166,11 @@ pub fn run() -> Result<i32> {
     .into_iter()
     .enumerate()
     {
+        let publish = if name == "c3" {
+            vec!["8080:8080".to_string()]
+        } else {
+            vec![]
+        };
         let e: EndpointInfo = c.call(
             "endpoint.connect",
             proto::Connect {
@@ -162,6 +179,7 @@ pub fn run() -> Result<i32> {
                 name: Some(name.into()),
                 ip,
                 kind: Some(kind),
+                publish,
                 ..Default::default()
             },
         )?;
@@ -220,6 +238,34 @@ pub fn run() -> Result<i32> {
         format!("c1 -> c2 {ip2}:7777: 100 UDP datagrams echoed"),
         echo.and_then(|_| probe::udp_echo(&nsh[0], ip2, 7777, 100))
             .map(|n| format!("{n}/100 echoed, content checked")),
+    );
+    // Through the NAT: out to the world, and in through a published port.
+    let ext = NetNs::open(&ns[4]).map_err(|e| Error::system(e.to_string()))?;
+    let outside = Ipv4Addr::new(192, 0, 2, 1);
+    let uplink_ip = Ipv4Addr::new(192, 0, 2, 10);
+    let masq = probe::serve_tell_peer(&ext, 8000, 1)
+        .and_then(|_| probe::ask_peer(&nsh[0], outside, 8000))
+        .and_then(|seen| match seen.ip() {
+            std::net::IpAddr::V4(ip) if ip == uplink_ip => {
+                Ok(format!("the server saw {seen} (masquerade)"))
+            }
+            other => Err(format!("the server saw {other}, not {uplink_ip}")),
+        });
+    record(
+        format!("c1 -> outside {outside}:8000 through the NAT"),
+        masq,
+    );
+    let published = probe::serve_tell_peer(&nsh[2], 8080, 1)
+        .and_then(|_| probe::ask_peer(&ext, uplink_ip, 8080))
+        .and_then(|seen| match seen.ip() {
+            std::net::IpAddr::V4(ip) if ip == outside => {
+                Ok(format!("c3 saw the real client {seen}"))
+            }
+            other => Err(format!("c3 saw {other}, not the client {outside}")),
+        });
+    record(
+        format!("outside -> {uplink_ip}:8080 published to c3:8080"),
+        published,
     );
     let macs: Vec<MacEntry> = c.call("macs", json!({ "network": "demo" }))?;
     let stats: proto::Stats = c.call("stats", json!({}))?;
@@ -295,6 +341,38 @@ pub fn run() -> Result<i32> {
     } else {
         1
     })
+}
+
+/// The demo's outside: veth `up0` (daemon side, no address) <-> `up0-peer` (192.0.2.1/24).
+fn make_outside(host: &std::path::Path, ext: &std::path::Path) -> Result<()> {
+    use std::os::fd::AsFd;
+    let sys = |e: &dyn std::fmt::Display| Error::system(format!("making the outside: {e}"));
+    let host = NetNs::open(host).map_err(|e| sys(&e))?;
+    let ext_ns = NetNs::open(ext).map_err(|e| sys(&e))?;
+    crate::netns::run_in(
+        &host,
+        || -> std::result::Result<(), crate::netlink::NetlinkError> {
+            let mut nl = crate::netlink::Netlink::open()?;
+            let i = nl.create_veth("up0", "up0-peer", Some(ext_ns.as_fd()))?;
+            nl.set_up(i)
+        },
+    )
+    .map_err(|e| sys(&e))?
+    .map_err(|e| sys(&e))?;
+    crate::netns::run_in(
+        &ext_ns,
+        || -> std::result::Result<(), crate::netlink::NetlinkError> {
+            let mut nl = crate::netlink::Netlink::open()?;
+            let i = nl
+                .link_index("up0-peer")?
+                .ok_or_else(|| crate::netlink::NetlinkError::not_found("up0-peer"))?;
+            nl.add_address(i, Ipv4Addr::new(192, 0, 2, 1), 24)?;
+            nl.set_up(i)?;
+            nl.set_up(1)
+        },
+    )
+    .map_err(|e| sys(&e))?
+    .map_err(|e| sys(&e))
 }
 
 /// `__in-netns PATH -- CMD...`: enter a network namespace and exec. The process is single-

@@ -192,3 +192,43 @@ pub fn udp_echo(ns: &NetNs, dst: Ipv4Addr, port: u16, count: usize) -> Result<us
     .map_err(|e| e.to_string())
     .and_then(|r| r)
 }
+
+/// A TCP server in `ns` on `port` that answers each of `conns` connections with the peer
+/// address it saw (one line), then ends.
+pub fn serve_tell_peer(
+    ns: &NetNs,
+    port: u16,
+    conns: usize,
+) -> Result<std::thread::JoinHandle<Vec<SocketAddr>>, String> {
+    let l = run_in(ns, move || TcpListener::bind(("0.0.0.0", port)))
+        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("bind :{port}: {e}"))?;
+    Ok(std::thread::spawn(move || {
+        let mut seen = Vec::new();
+        for _ in 0..conns {
+            let Ok((mut s, peer)) = l.accept() else { break };
+            let _ = writeln!(s, "{peer}");
+            seen.push(peer);
+        }
+        seen
+    }))
+}
+
+/// Connect from `ns` to `dst:port` and return the address the server says it saw.
+pub fn ask_peer(ns: &NetNs, dst: Ipv4Addr, port: u16) -> Result<SocketAddr, String> {
+    run_in(ns, move || {
+        let mut s =
+            TcpStream::connect_timeout(&SocketAddr::from((dst, port)), Duration::from_secs(3))
+                .map_err(|e| format!("connect {dst}:{port}: {e}"))?;
+        s.set_read_timeout(Some(Duration::from_secs(3)))
+            .map_err(|e| e.to_string())?;
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(&mut s), &mut line)
+            .map_err(|e| format!("read: {e}"))?;
+        line.trim()
+            .parse()
+            .map_err(|_| format!("unexpected answer {line:?}"))
+    })
+    .map_err(|e| e.to_string())
+    .and_then(|r| r)
+}
