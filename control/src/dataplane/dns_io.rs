@@ -13,8 +13,6 @@ use super::{Direction, DpState, Out, TOKEN_BASE};
 
 /// The DNS socket's mio token (port tokens are far below, socket-uplink tokens above).
 pub(super) const DNS_TOKEN: Token = Token(TOKEN_BASE - 1);
-/// Datagrams read per wake-up.
-const BATCH: usize = 64;
 
 /// The DNS server's host-side state in the dataplane.
 #[derive(Default)]
@@ -68,7 +66,8 @@ impl DpState {
         if readable {
             if let Some(s) = &dns_io.sock {
                 let mut buf = [0u8; 4096];
-                for _ in 0..BATCH {
+                // Edge-triggered: drain to WouldBlock, or the rest waits for the next datagram.
+                loop {
                     match s.recv_from(&mut buf) {
                         Ok((n, SocketAddr::V4(from))) => {
                             pipeline.dns_from_host(from, &buf[..n], now, &mut tx)
