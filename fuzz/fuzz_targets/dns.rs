@@ -1,0 +1,229 @@
+#![no_main]
+//! The embedded DNS server's query path (`switchyard_control::dns::DnsServer`).
+//!
+//! First byte even: the rest is one datagram to the gateway's port 53 (real queries make good
+//! seeds). Odd: the rest is a sequence of operations: queries, upstream replies (garbage or
+//! well-formed answers to what was forwarded), names added and removed, time passing.
+//! Never a panic; every reply parses, is a response, fits the client's size; the pending
+//! table and the cache stay within their bounds.
+
+use std::net::{Ipv4Addr, SocketAddrV4};
+
+use arbitrary::{Arbitrary, Unstructured};
+use hickory_proto::op::{Message, MessageType, OpCode, ResponseCode};
+use hickory_proto::rr::rdata::A;
+use hickory_proto::rr::{RData, Record};
+use libfuzzer_sys::fuzz_target;
+use switchyard_control::dns::{DnsConfig, DnsServer, NetInfo, Output};
+use switchyard_switch::{Instant, NetworkId};
+
+const UP: [SocketAddrV4; 2] = [
+    SocketAddrV4::new(Ipv4Addr::new(192, 0, 2, 53), 53),
+    SocketAddrV4::new(Ipv4Addr::new(198, 51, 100, 53), 53),
+];
+
+#[derive(Arbitrary, Debug)]
+enum Op {
+    Query {
+        client: u8,
+        other_net: bool,
+        max_udp: u16,
+        bytes: Vec<u8>,
+    },
+    Upstream {
+        second: bool,
+        port: Option<u16>,
+        bytes: Vec<u8>,
+    },
+    /// A well-formed answer to the most recent upstream query.
+    Answer {
+        rcode: u8,
+        ttl: u32,
+        records: u8,
+        truncated: bool,
+        wrong_server: bool,
+    },
+    Tick {
+        ms: u16,
+    },
+    AddName {
+        host: u8,
+        name: String,
+        alias: String,
+    },
+    RemoveName {
+        host: u8,
+    },
+}
+
+fn net(third: u8) -> NetInfo {
+    NetInfo {
+        subnet: Ipv4Addr::new(10, third, 0, 0),
+        prefix_len: 24,
+        gateway: Ipv4Addr::new(10, third, 0, 1),
+        internal: third == 2,
+        domain: (third == 1).then(|| "corp.test".to_string()),
+        mtu: 1500,
+    }
+}
+
+struct Harness {
+    s: DnsServer,
+    now: Instant,
+    last_upstream: Option<(SocketAddrV4, u16, Vec<u8>)>,
+}
+
+impl Harness {
+    fn new() -> Self {
+        let mut s = DnsServer::new(DnsConfig {
+            upstreams: UP.to_vec(),
+            max_pending: 8,
+            cache_max: 8,
+            rate_per_sec: 50,
+            burst: 20,
+            max_clients: 16,
+            ..DnsConfig::default()
+        });
+        s.set_network(NetworkId(1), net(1));
+        s.set_network(NetworkId(2), net(2));
+        let _ = s
+            .names
+            .add(NetworkId(1), Ipv4Addr::new(10, 1, 0, 2), &["web".into(), "db".into()]);
+        Harness {
+            s,
+            now: Instant::from_millis(0),
+            last_upstream: None,
+        }
+    }
+
+    fn query(&mut self, client: u8, other: bool, max_udp: usize, bytes: &[u8]) {
+        let (id, third) = if other { (2, 2) } else { (1, 1) };
+        let c = SocketAddrV4::new(Ipv4Addr::new(10, third, 0, client), 40_000 + u16::from(client));
+        self.s.handle_query(
+            self.now,
+            NetworkId(id),
+            Ipv4Addr::new(10, third, 0, 1),
+            c,
+            bytes,
+            max_udp,
+        );
+        self.check(max_udp);
+    }
+
+    fn check(&mut self, max_udp: usize) {
+        let cfg = self.s.config().clone();
+        assert!(self.s.pending_len() <= cfg.max_pending);
+        assert!(self.s.cache_len() <= cfg.cache_max);
+        let out: Vec<Output> = self.s.drain().collect();
+        for o in out {
+            match o {
+                Output::Reply { payload, .. } => {
+                    assert!(payload.len() <= max_udp);
+                    let m = Message::from_vec(&payload).expect("replies parse");
+                    assert_eq!(m.metadata.message_type, MessageType::Response);
+                }
+                Output::Upstream { to, port, payload } => {
+                    assert!(UP.contains(&to));
+                    let m = Message::from_vec(&payload).expect("upstream queries parse");
+                    assert_eq!(m.queries.len(), 1);
+                    self.last_upstream = Some((to, port, payload));
+                }
+            }
+        }
+    }
+}
+
+fn ops(data: &[u8]) {
+    let mut u = Unstructured::new(data);
+    let mut h = Harness::new();
+    for _ in 0..64 {
+        let Ok(op) = Op::arbitrary(&mut u) else {
+            break;
+        };
+        match op {
+            Op::Query {
+                client,
+                other_net,
+                max_udp,
+                bytes,
+            } => {
+                let max = usize::from(max_udp).clamp(512, 1472);
+                h.query(client, other_net, max, &bytes);
+            }
+            Op::Upstream {
+                second,
+                port,
+                bytes,
+            } => {
+                h.s.handle_upstream(h.now, UP[usize::from(second)], port, &bytes);
+                h.check(1472);
+            }
+            Op::Answer {
+                rcode,
+                ttl,
+                records,
+                truncated,
+                wrong_server,
+            } => {
+                let Some((to, port, q)) = h.last_upstream.clone() else {
+                    continue;
+                };
+                let Ok(q) = Message::from_vec(&q) else {
+                    continue;
+                };
+                let mut r = Message::response(q.metadata.id, OpCode::Query);
+                r.metadata.response_code = ResponseCode::from_low(rcode & 0x0f);
+                r.metadata.truncation = truncated;
+                r.queries = q.queries.clone();
+                for i in 0..records.min(100) {
+                    r.add_answer(Record::from_rdata(
+                        q.queries[0].name().clone(),
+                        ttl,
+                        RData::A(A(Ipv4Addr::new(203, 0, 113, i))),
+                    ));
+                }
+                let from = if wrong_server {
+                    if to == UP[0] {
+                        UP[1]
+                    } else {
+                        UP[0]
+                    }
+                } else {
+                    to
+                };
+                if let Ok(bytes) = r.to_vec() {
+                    h.s.handle_upstream(h.now, from, Some(port), &bytes);
+                }
+                h.check(1472);
+            }
+            Op::Tick { ms } => {
+                h.now += switchyard_switch::Duration::from_millis(u64::from(ms) * 10);
+                h.s.expire(h.now);
+                h.check(1472);
+            }
+            Op::AddName { host, name, alias } => {
+                let _ = h
+                    .s
+                    .names
+                    .add(NetworkId(1), Ipv4Addr::new(10, 1, 0, host), &[name, alias]);
+            }
+            Op::RemoveName { host } => {
+                h.s.names.remove(NetworkId(1), Ipv4Addr::new(10, 1, 0, host));
+            }
+        }
+    }
+}
+
+fuzz_target!(|data: &[u8]| {
+    let Some((&mode, rest)) = data.split_first() else {
+        return;
+    };
+    if mode & 1 == 0 {
+        let mut h = Harness::new();
+        h.query(2, mode & 2 != 0, 1472, rest);
+        h.s.expire(Instant::from_millis(10_000));
+        h.check(1472);
+    } else {
+        ops(rest);
+    }
+});
