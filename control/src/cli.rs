@@ -139,6 +139,9 @@ pub struct DaemonArgs {
     /// Also serve Docker's remote network driver API (on /run/docker/plugins/switchyard.sock).
     #[arg(long)]
     pub docker_plugin: bool,
+    /// Let this group (name or gid) use the control socket too (mode 0660).
+    #[arg(long)]
+    pub group: Option<String>,
     /// Where to serve the Docker driver API instead of /run/docker/plugins/switchyard.sock.
     #[arg(long, value_name = "PATH")]
     pub docker_plugin_socket: Option<PathBuf>,

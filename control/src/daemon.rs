@@ -59,6 +59,8 @@ pub struct DaemonConfig {
     pub conntrack_timeouts: Vec<(String, u64)>,
     /// Serve Docker's remote network driver API on this socket.
     pub docker_plugin: Option<PathBuf>,
+    /// Members of this group may use the control socket too (mode 0660).
+    pub group: Option<u32>,
     /// Upstream DNS servers (`--dns`); empty: the host's /etc/resolv.conf.
     pub dns: Vec<Ipv4Addr>,
     /// Serve the embedded DNS on the default `bridge` network too.
@@ -1473,7 +1475,7 @@ fn prepare_socket_dir(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-fn bind_socket(path: &Path) -> Result<UnixListener> {
+fn bind_socket(path: &Path, group: Option<u32>) -> Result<UnixListener> {
     if let Some(dir) = path.parent() {
         prepare_socket_dir(dir)?;
     }
@@ -1493,7 +1495,18 @@ fn bind_socket(path: &Path) -> Result<UnixListener> {
     let _ = std::fs::remove_file(&tmp);
     let l = UnixListener::bind(&tmp)
         .map_err(|e| Error::system(format!("binding {}: {e}", tmp.display())))?;
-    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))?;
+    match group {
+        None => std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))?,
+        Some(g) => {
+            // The group may connect: the socket 0660, its directory searchable by the group.
+            std::os::unix::fs::chown(&tmp, None, Some(g))?;
+            std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o660))?;
+            if let Some(dir) = path.parent() {
+                std::os::unix::fs::chown(dir, None, Some(g))?;
+                std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o710))?;
+            }
+        }
+    }
     std::fs::rename(&tmp, path).map_err(|e| {
         Error::system(format!(
             "renaming {} to {}: {e}",
@@ -1504,13 +1517,32 @@ fn bind_socket(path: &Path) -> Result<UnixListener> {
     Ok(l)
 }
 
-fn peer_allowed(stream: &UnixStream, me: u32) -> std::result::Result<(), String> {
+fn peer_allowed(
+    stream: &UnixStream,
+    me: u32,
+    group: Option<u32>,
+) -> std::result::Result<(), String> {
     use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
     match getsockopt(stream, PeerCredentials) {
         Ok(c) if c.uid() == 0 || c.uid() == me => Ok(()),
+        Ok(c) if group.is_some_and(|g| c.gid() == g || in_supplementary_groups(c.pid(), g)) => {
+            Ok(())
+        }
         Ok(c) => Err(format!("uid {} (pid {})", c.uid(), c.pid())),
         Err(e) => Err(format!("unknown peer ({e})")),
     }
+}
+
+/// Whether process `pid` has `gid` among its supplementary groups (`Groups:` in its status).
+fn in_supplementary_groups(pid: i32, gid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Groups:"))
+                .map(|g| g.split_whitespace().any(|x| x.parse() == Ok(gid)))
+        })
+        .unwrap_or(false)
 }
 
 /// Run the daemon until SIGTERM/SIGINT.
@@ -1622,7 +1654,7 @@ pub fn run(cfg: DaemonConfig) -> Result<()> {
     if let Some(p) = &cfg.docker_plugin {
         docker::serve(d.clone(), p)?;
     }
-    let listener = bind_socket(&cfg.socket)?;
+    let listener = bind_socket(&cfg.socket, cfg.group)?;
     tracing::info!(socket = %cfg.socket.display(), "ready");
 
     {
@@ -1642,7 +1674,7 @@ pub fn run(cfg: DaemonConfig) -> Result<()> {
         std::thread::Builder::new().name("control".into()).spawn(move || {
             for conn in listener.incoming() {
                 let Ok(stream) = conn else { continue };
-                if let Err(who) = peer_allowed(&stream, d.uid) {
+                if let Err(who) = peer_allowed(&stream, d.uid, d.cfg.group) {
                     tracing::warn!("refused control client {who}: only root and uid {} may use this socket", d.uid);
                     let mut s = stream;
                     let r = reply(0, Err(Error::new(ErrorCode::PermissionDenied, format!("permission denied: only root and uid {} may use this daemon", d.uid))));

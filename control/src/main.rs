@@ -72,6 +72,17 @@ fn real_main(cli: Cli) -> Result<i32> {
                 bridge_dns: a.bridge_dns,
                 mac_aging: std::time::Duration::from_secs(a.mac_aging),
                 conntrack_max: a.conntrack_max,
+                group: match &a.group {
+                    None => None,
+                    Some(g) => Some(match g.parse::<u32>() {
+                        Ok(gid) => gid,
+                        Err(_) => nix::unistd::Group::from_name(g)
+                            .ok()
+                            .flatten()
+                            .map(|gr| gr.gid.as_raw())
+                            .ok_or_else(|| Error::invalid(format!("unknown group {g:?}")))?,
+                    }),
+                },
                 docker_plugin: match (a.docker_plugin, a.docker_plugin_socket) {
                     (_, Some(p)) => Some(p),
                     (true, None) => Some(PathBuf::from("/run/docker/plugins/switchyard.sock")),

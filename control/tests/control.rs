@@ -669,3 +669,40 @@ fn run_forwards_exit_status_and_disconnects() {
         .unwrap();
     assert_eq!(o.status.code(), Some(127));
 }
+
+#[test]
+fn a_group_can_be_let_in() {
+    if !root() {
+        return;
+    }
+    let env = Env::new(&["--group", "65534"]);
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let m = std::fs::metadata(&env.socket).unwrap();
+    assert_eq!((m.permissions().mode() & 0o777, m.gid()), (0o660, 65534));
+    let as_user = |uid: &str, gid: &str| {
+        Command::new("setpriv")
+            .args([
+                "--reuid",
+                uid,
+                "--regid",
+                gid,
+                "--clear-groups",
+                BIN,
+                "--socket",
+            ])
+            .arg(&env.socket)
+            .args(["network", "ls", "--json"])
+            .output()
+            .unwrap()
+    };
+    let member = as_user("12345", "65534");
+    assert!(
+        member.status.success(),
+        "{}",
+        String::from_utf8_lossy(&member.stderr)
+    );
+    assert!(String::from_utf8_lossy(&member.stdout).contains("\"bridge\""));
+    let other = as_user("23456", "23456");
+    assert!(!other.status.success());
+    assert!(String::from_utf8_lossy(&other.stderr).starts_with("switchyard: error: "));
+}
