@@ -86,9 +86,11 @@ impl Harness {
         });
         s.set_network(NetworkId(1), net(1));
         s.set_network(NetworkId(2), net(2));
-        let _ = s
-            .names
-            .add(NetworkId(1), Ipv4Addr::new(10, 1, 0, 2), &["web".into(), "db".into()]);
+        let _ = s.names.add(
+            NetworkId(1),
+            Ipv4Addr::new(10, 1, 0, 2),
+            &["web".into(), "db".into()],
+        );
         Harness {
             s,
             now: Instant::from_millis(0),
@@ -98,7 +100,10 @@ impl Harness {
 
     fn query(&mut self, client: u8, other: bool, max_udp: usize, bytes: &[u8]) {
         let (id, third) = if other { (2, 2) } else { (1, 1) };
-        let c = SocketAddrV4::new(Ipv4Addr::new(10, third, 0, client), 40_000 + u16::from(client));
+        let c = SocketAddrV4::new(
+            Ipv4Addr::new(10, third, 0, client),
+            40_000 + u16::from(client),
+        );
         self.s.handle_query(
             self.now,
             NetworkId(id),
@@ -202,13 +207,13 @@ fn ops(data: &[u8]) {
                 h.check(1472);
             }
             Op::AddName { host, name, alias } => {
-                let _ = h
-                    .s
-                    .names
-                    .add(NetworkId(1), Ipv4Addr::new(10, 1, 0, host), &[name, alias]);
+                let _ =
+                    h.s.names
+                        .add(NetworkId(1), Ipv4Addr::new(10, 1, 0, host), &[name, alias]);
             }
             Op::RemoveName { host } => {
-                h.s.names.remove(NetworkId(1), Ipv4Addr::new(10, 1, 0, host));
+                h.s.names
+                    .remove(NetworkId(1), Ipv4Addr::new(10, 1, 0, host));
             }
         }
     }
