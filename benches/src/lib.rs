@@ -1,1 +1,4 @@
-//! Benchmarks for switchyard.
+//! Benchmarks for switchyard: criterion microbenchmarks (`benches/`) and the end-to-end harness
+//! `switchyard-bench` ([`harness`]).
+
+pub mod harness;

@@ -1,0 +1,718 @@
+//! The topology, built once per dataplane in namespaces the harness owns:
+//!
+//! ```text
+//!   c1 (198.18.0.2) --+                                     +-- ext (192.0.2.1/24)
+//!                     +-- dataplane in its "host" namespace -+
+//!   c2 (198.18.0.3) --+   uplink address 192.0.2.10/24      (veth up0 <-> ext0)
+//! ```
+//!
+//! Containers reach `ext` only through source NAT to 192.0.2.10; `ext` reaches c1:80 through the
+//! published port 192.0.2.10:8080. Every dataplane's "host" is a namespace of its own too: the
+//! real host's interfaces, routes, firewall and sysctls are never touched.
+
+use std::fs;
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::sys::{self, ip, run_cmd, run_cmd_input, spawn_in, sysctl};
+
+pub const SUBNET: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 0);
+pub const GATEWAY: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
+pub const C1_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
+pub const C2_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 3);
+pub const EXT_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
+pub const UPLINK_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 10);
+pub const PUBLISHED_PORT: u16 = 8080;
+pub const C1_PORT: u16 = 80;
+
+/// Dataplanes run when --dataplanes is not given (those installed).
+pub const DEFAULT: &[&str] = &[
+    "switchyard-tap",
+    "switchyard-veth",
+    "kernel",
+    "pasta",
+    "slirp4netns",
+];
+
+/// The dataplanes the harness knows. `ovs` and `ovs-notso` are experimental (only on request):
+/// on this machine their NAT paths time out intermittently (see the README of the harness run).
+pub const ALL: &[&str] = &[
+    "switchyard-tap",
+    "switchyard-veth",
+    "kernel",
+    "ovs",
+    "ovs-notso",
+    "pasta",
+    "slirp4netns",
+];
+
+/// What the tests need to know about one built topology.
+pub struct Topo {
+    pub dataplane: String,
+    pub c1: PathBuf,
+    pub c2: Option<PathBuf>,
+    pub ext: PathBuf,
+    /// c1's address as the dataplane assigned it.
+    pub c1_ip: Ipv4Addr,
+    pub c2_ip: Option<Ipv4Addr>,
+    /// The published port as seen from `ext`.
+    pub published: SocketAddrV4,
+    /// The process doing the forwarding, for CPU accounting (None: the kernel itself).
+    pub cpu_pid: Option<u32>,
+    pub notes: Vec<String>,
+    namespaces: Vec<String>,
+    children: Vec<Child>,
+    dir: PathBuf,
+}
+
+impl Drop for Topo {
+    fn drop(&mut self) {
+        for c in self.children.iter_mut().rev() {
+            sys::stop_child(c, Duration::from_secs(5));
+        }
+        for n in &self.namespaces {
+            sys::delete_ns(n);
+        }
+        sys::remove_dir(&self.dir);
+    }
+}
+
+/// Whether a dataplane can run here; Err says why not.
+pub fn available(dp: &str, switchyard: &Path) -> Result<(), String> {
+    let need = |p: &str| {
+        if sys::have(p) {
+            Ok(())
+        } else {
+            Err(format!("{p} not installed"))
+        }
+    };
+    match dp {
+        "switchyard-tap" | "switchyard-veth" => {
+            if switchyard.is_file() {
+                Ok(())
+            } else {
+                Err(format!(
+                    "{} not found (build it: cargo build --release -p switchyard, or pass --switchyard)",
+                    switchyard.display()
+                ))
+            }
+        }
+        "kernel" => need("iptables-restore"),
+        "pasta" => need("pasta"),
+        "slirp4netns" => need("slirp4netns"),
+        "ovs" | "ovs-notso" => need("ovs-vswitchd")
+            .and(need("ovsdb-server"))
+            .and(need("ovs-vsctl"))
+            .and(need("ovsdb-tool"))
+            .and(need("iptables-restore")),
+        other => Err(format!("unknown dataplane {other:?}")),
+    }
+}
+
+/// Builds the topology for `dp`. On error everything made so far is removed (the Topo drops).
+pub fn build(dp: &str, switchyard: &Path) -> Result<Topo, String> {
+    let tag = format!("{}{}", sys::prefix(), dp);
+    let dir = std::env::temp_dir().join(&tag);
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    sys::register_dir(&dir);
+    let mut t = Topo {
+        dataplane: dp.to_string(),
+        c1: PathBuf::new(),
+        c2: None,
+        ext: PathBuf::new(),
+        c1_ip: C1_IP,
+        c2_ip: Some(C2_IP),
+        published: SocketAddrV4::new(UPLINK_IP, PUBLISHED_PORT),
+        cpu_pid: None,
+        notes: Vec::new(),
+        namespaces: Vec::new(),
+        children: Vec::new(),
+        dir,
+    };
+    let host = t.ns(&tag, "h")?;
+    t.c1 = t.ns(&tag, "c1")?;
+    t.ext = t.ns(&tag, "ext")?;
+    let two_containers = !matches!(dp, "pasta" | "slirp4netns");
+    if two_containers {
+        t.c2 = Some(t.ns(&tag, "c2")?);
+    } else {
+        t.c2_ip = None;
+    }
+    // The outside: a veth whose ext end holds 192.0.2.1/24.
+    let (hn, en) = (format!("{tag}-h"), format!("{tag}-ext"));
+    ip(&[
+        "-n", &hn, "link", "add", "up0", "type", "veth", "peer", "name", "ext0", "netns", &en,
+    ])?;
+    ip(&[
+        "-n",
+        &en,
+        "addr",
+        "add",
+        &format!("{EXT_IP}/24"),
+        "dev",
+        "ext0",
+    ])?;
+    ip(&["-n", &en, "link", "set", "ext0", "up"])?;
+    ip(&["-n", &hn, "link", "set", "up0", "up"])?;
+    // Clients close second (no TIME_WAIT); a wide port range for the connection-rate test.
+    sysctl(&t.c1, "net/ipv4/ip_local_port_range", "1024 65000")?;
+    match dp {
+        "switchyard-tap" | "switchyard-veth" => switchyard_dp(&mut t, &host, switchyard, dp)?,
+        "kernel" => kernel_dp(&mut t, &host)?,
+        "ovs" => ovs_dp(&mut t, &host, true)?,
+        "ovs-notso" => ovs_dp(&mut t, &host, false)?,
+        "pasta" => pasta_dp(&mut t, &host)?,
+        "slirp4netns" => slirp_dp(&mut t, &host)?,
+        other => return Err(format!("unknown dataplane {other:?}")),
+    }
+    Ok(t)
+}
+
+impl Topo {
+    fn ns(&mut self, tag: &str, short: &str) -> Result<PathBuf, String> {
+        let name = format!("{tag}-{short}");
+        let path = sys::create_ns(&name)?;
+        self.namespaces.push(name.clone());
+        // IPv6 off everywhere: no router solicitations or MLD in the measurements.
+        sysctl(&path, "net/ipv6/conf/all/disable_ipv6", "1")?;
+        sysctl(&path, "net/ipv6/conf/default/disable_ipv6", "1")?;
+        ip(&["-n", &name, "link", "set", "lo", "up"])?;
+        Ok(path)
+    }
+
+    fn log(&self, name: &str) -> Result<fs::File, String> {
+        fs::File::create(self.dir.join(name)).map_err(|e| e.to_string())
+    }
+
+    fn read_log(&self, name: &str) -> String {
+        let s = fs::read_to_string(self.dir.join(name)).unwrap_or_default();
+        let tail: Vec<&str> = s.lines().rev().take(5).collect();
+        tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
+    }
+
+    /// Checks that a child started by this topology is still running.
+    fn alive(&mut self, i: usize, log: &str) -> Result<(), String> {
+        if let Ok(Some(st)) = self.children[i].try_wait() {
+            return Err(format!("exited: {st}: {}", self.read_log(log)));
+        }
+        Ok(())
+    }
+
+    /// Whether every dataplane process is still alive (after a test).
+    pub fn check_alive(&mut self) -> Result<(), String> {
+        for c in &mut self.children {
+            if let Ok(Some(st)) = c.try_wait() {
+                return Err(format!("dataplane process {} exited: {st}", c.id()));
+            }
+        }
+        Ok(())
+    }
+
+    fn name_of(p: &Path) -> String {
+        p.file_name()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    }
+}
+
+fn container(ns: &Path, addr: Ipv4Addr) -> Result<(), String> {
+    let n = Topo::name_of(ns);
+    ip(&[
+        "-n",
+        &n,
+        "addr",
+        "add",
+        &format!("{addr}/24"),
+        "dev",
+        "eth0",
+    ])?;
+    ip(&["-n", &n, "link", "set", "eth0", "up"])?;
+    ip(&[
+        "-n",
+        &n,
+        "route",
+        "add",
+        "default",
+        "via",
+        &GATEWAY.to_string(),
+    ])
+}
+
+// ---- switchyard ----
+
+fn switchyard_dp(t: &mut Topo, host: &Path, bin: &Path, dp: &str) -> Result<(), String> {
+    let kind = if dp.ends_with("veth") { "veth" } else { "tap" };
+    let socket = t.dir.join("control.sock");
+    let log = t.log("daemon.log")?;
+    let child = spawn_in(
+        host,
+        Command::new(bin)
+            .arg("daemon")
+            .arg("--socket")
+            .arg(&socket)
+            .arg("--state-dir")
+            .arg(t.dir.join("state"))
+            .args(["--uplink", "up0", "--uplink-addr"])
+            .arg(format!("{UPLINK_IP}/24"))
+            .args(["--log-level", "warn"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log),
+    )?;
+    t.cpu_pid = Some(child.id());
+    t.children.push(child);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while UnixStream::connect(&socket).is_err() {
+        t.alive(0, "daemon.log")
+            .map_err(|e| format!("switchyard daemon {e}"))?;
+        if Instant::now() > deadline || sys::stopping() {
+            return Err("switchyard daemon did not open its socket in 20 s".into());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let cli = |args: &[&str]| -> Result<String, String> {
+        let out = run_cmd(
+            None,
+            Command::new(bin).arg("--socket").arg(&socket).args(args),
+            Duration::from_secs(20),
+        )?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    cli(&[
+        "network",
+        "create",
+        "bench",
+        "--subnet",
+        &format!("{SUBNET}/24"),
+    ])?;
+    let c1 = t.c1.to_string_lossy().into_owned();
+    let pubspec = format!("{PUBLISHED_PORT}:{C1_PORT}");
+    cli(&[
+        "connect",
+        "bench",
+        "--netns",
+        &c1,
+        "--name",
+        "c1",
+        "--type",
+        kind,
+        "--ip",
+        &C1_IP.to_string(),
+        "-p",
+        &pubspec,
+    ])?;
+    let c2 = t.c2.as_ref().expect("c2").to_string_lossy().into_owned();
+    cli(&[
+        "connect",
+        "bench",
+        "--netns",
+        &c2,
+        "--name",
+        "c2",
+        "--type",
+        kind,
+        "--ip",
+        &C2_IP.to_string(),
+    ])?;
+    t.notes.push(format!(
+        "switchyard daemon, {kind} endpoints, raw uplink up0 (AF_PACKET)"
+    ));
+    Ok(())
+}
+
+// ---- kernel bridge + iptables, the way Docker sets it up ----
+
+/// Docker's rules for one bridge network `br` with subnet SUBNET/24 and one published port.
+fn docker_rules(br: &str) -> String {
+    let c1 = C1_IP;
+    format!(
+        "*nat
+:PREROUTING ACCEPT [0:0]
+:INPUT ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+:POSTROUTING ACCEPT [0:0]
+:DOCKER - [0:0]
+-A PREROUTING -m addrtype --dst-type LOCAL -j DOCKER
+-A OUTPUT ! -d 127.0.0.0/8 -m addrtype --dst-type LOCAL -j DOCKER
+-A POSTROUTING -s {SUBNET}/24 ! -o {br} -j MASQUERADE
+-A POSTROUTING -s {c1}/32 -d {c1}/32 -p tcp -m tcp --dport {C1_PORT} -j MASQUERADE
+-A DOCKER -i {br} -j RETURN
+-A DOCKER ! -i {br} -p tcp -m tcp --dport {PUBLISHED_PORT} -j DNAT --to-destination {c1}:{C1_PORT}
+COMMIT
+*filter
+:INPUT ACCEPT [0:0]
+:FORWARD DROP [0:0]
+:OUTPUT ACCEPT [0:0]
+:DOCKER - [0:0]
+:DOCKER-ISOLATION-STAGE-1 - [0:0]
+:DOCKER-ISOLATION-STAGE-2 - [0:0]
+:DOCKER-USER - [0:0]
+-A FORWARD -j DOCKER-USER
+-A FORWARD -j DOCKER-ISOLATION-STAGE-1
+-A FORWARD -o {br} -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT
+-A FORWARD -o {br} -j DOCKER
+-A FORWARD -i {br} ! -o {br} -j ACCEPT
+-A FORWARD -i {br} -o {br} -j ACCEPT
+-A DOCKER -d {c1}/32 ! -i {br} -o {br} -p tcp -m tcp --dport {C1_PORT} -j ACCEPT
+-A DOCKER-ISOLATION-STAGE-1 -i {br} ! -o {br} -j DOCKER-ISOLATION-STAGE-2
+-A DOCKER-ISOLATION-STAGE-1 -j RETURN
+-A DOCKER-ISOLATION-STAGE-2 -o {br} -j DROP
+-A DOCKER-ISOLATION-STAGE-2 -j RETURN
+-A DOCKER-USER -j RETURN
+COMMIT
+"
+    )
+}
+
+/// Host-side routing and NAT (shared by `kernel` and `ovs`): ip_forward, br_netfilter, Docker's
+/// iptables rules, the uplink address.
+fn host_nat(t: &mut Topo, host: &Path, br: &str, bridge_nf: bool) -> Result<(), String> {
+    let hn = Topo::name_of(host);
+    ip(&[
+        "-n",
+        &hn,
+        "addr",
+        "add",
+        &format!("{UPLINK_IP}/24"),
+        "dev",
+        "up0",
+    ])?;
+    sysctl(host, "net/ipv4/ip_forward", "1")?;
+    if bridge_nf {
+        // br_netfilter: bridged traffic goes through iptables too, as Docker turns it on.
+        match sysctl(host, "net/bridge/bridge-nf-call-iptables", "1") {
+            Ok(()) => t.notes.push("br_netfilter on".into()),
+            Err(e) => t.notes.push(format!("br_netfilter not available ({e})")),
+        }
+    }
+    run_cmd_input(
+        Some(host),
+        &mut Command::new("iptables-restore"),
+        Some(&docker_rules(br)),
+        Duration::from_secs(20),
+    )?;
+    Ok(())
+}
+
+fn kernel_dp(t: &mut Topo, host: &Path) -> Result<(), String> {
+    let hn = Topo::name_of(host);
+    ip(&["-n", &hn, "link", "add", "br0", "type", "bridge"])?;
+    ip(&[
+        "-n",
+        &hn,
+        "addr",
+        "add",
+        &format!("{GATEWAY}/24"),
+        "dev",
+        "br0",
+    ])?;
+    ip(&["-n", &hn, "link", "set", "br0", "up"])?;
+    let c2 = t.c2.clone().expect("c2");
+    for (i, (ns, addr)) in [(t.c1.clone(), C1_IP), (c2, C2_IP)].iter().enumerate() {
+        let hv = format!("veth{i}");
+        let cn = Topo::name_of(ns);
+        ip(&[
+            "-n", &hn, "link", "add", &hv, "type", "veth", "peer", "name", "eth0", "netns", &cn,
+        ])?;
+        ip(&["-n", &hn, "link", "set", &hv, "master", "br0", "up"])?;
+        container(ns, *addr)?;
+    }
+    host_nat(t, host, "br0", true)?;
+    t.notes
+        .push("Linux bridge + veth, iptables (nft) MASQUERADE/DNAT as Docker".into());
+    Ok(())
+}
+
+// ---- Open vSwitch, userspace (netdev) datapath ----
+
+fn ovs_dp(t: &mut Topo, host: &Path, tso: bool) -> Result<(), String> {
+    let hn = Topo::name_of(host);
+    let d = t.dir.clone();
+    let db = d.join("conf.db");
+    let schema = ["/usr/share/openvswitch/vswitch.ovsschema"]
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.is_file())
+        .ok_or("vswitch.ovsschema not found")?;
+    let env = |c: &mut Command| {
+        c.env("OVS_RUNDIR", &d)
+            .env("OVS_LOGDIR", &d)
+            .env("OVS_DBDIR", &d)
+            .env("OVS_SYSCONFDIR", &d)
+            .env("OVS_PKGDATADIR", "/usr/share/openvswitch");
+    };
+    let mut c = Command::new("ovsdb-tool");
+    c.arg("create").arg(&db).arg(&schema);
+    env(&mut c);
+    run_cmd(None, &mut c, Duration::from_secs(20))?;
+    let dbsock = d.join("db.sock");
+    let mut c = Command::new("ovsdb-server");
+    c.arg(&db)
+        .arg(format!("--remote=punix:{}", dbsock.display()))
+        .arg("--remote=db:Open_vSwitch,Open_vSwitch,manager_options")
+        .arg(format!(
+            "--pidfile={}",
+            d.join("ovsdb-server.pid").display()
+        ))
+        .arg(format!(
+            "--unixctl={}",
+            d.join("ovsdb-server.ctl").display()
+        ))
+        .arg(format!(
+            "--log-file={}",
+            d.join("ovsdb-server.log").display()
+        ))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(t.log("ovsdb-server.err")?);
+    env(&mut c);
+    let child = spawn_in(host, &mut c)?;
+    t.children.push(child);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while UnixStream::connect(&dbsock).is_err() {
+        t.alive(0, "ovsdb-server.err")
+            .map_err(|e| format!("ovsdb-server {e}"))?;
+        if Instant::now() > deadline {
+            return Err("ovsdb-server did not start".into());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let vsctl = |args: &[&str]| -> Result<(), String> {
+        let mut c = Command::new("ovs-vsctl");
+        c.arg(format!("--db=unix:{}", dbsock.display()))
+            .arg("--no-wait")
+            .args(args);
+        env(&mut c);
+        run_cmd(Some(host), &mut c, Duration::from_secs(20)).map(|_| ())
+    };
+    vsctl(&["init"])?;
+    vsctl(&[
+        "set",
+        "Open_vSwitch",
+        ".",
+        &format!("other_config:userspace-tso-enable={tso}"),
+    ])?;
+    let mut c = Command::new("ovs-vswitchd");
+    c.arg(format!("unix:{}", dbsock.display()))
+        .arg(format!(
+            "--pidfile={}",
+            d.join("ovs-vswitchd.pid").display()
+        ))
+        .arg(format!(
+            "--unixctl={}",
+            d.join("ovs-vswitchd.ctl").display()
+        ))
+        .arg(format!(
+            "--log-file={}",
+            d.join("ovs-vswitchd.log").display()
+        ))
+        .arg("--verbose=err")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(t.log("ovs-vswitchd.err")?);
+    env(&mut c);
+    let child = spawn_in(host, &mut c)?;
+    t.cpu_pid = Some(child.id());
+    t.children.push(child);
+    std::thread::sleep(Duration::from_millis(300));
+    t.alive(1, "ovs-vswitchd.err")
+        .map_err(|e| format!("ovs-vswitchd {e}"))?;
+    vsctl(&[
+        "add-br",
+        "br0",
+        "--",
+        "set",
+        "bridge",
+        "br0",
+        "datapath_type=netdev",
+    ])?;
+    let c2 = t.c2.clone().expect("c2");
+    for (i, (ns, addr)) in [(t.c1.clone(), C1_IP), (c2, C2_IP)].iter().enumerate() {
+        let hv = format!("veth{i}");
+        let cn = Topo::name_of(ns);
+        ip(&[
+            "-n", &hn, "link", "add", &hv, "type", "veth", "peer", "name", "eth0", "netns", &cn,
+        ])?;
+        ip(&["-n", &hn, "link", "set", &hv, "up"])?;
+        vsctl(&["add-port", "br0", &hv])?;
+        container(ns, *addr)?;
+    }
+    // The bridge's internal port (a tap for the userspace datapath) is the containers' gateway;
+    // the host namespace routes and NATs between it and the uplink with Docker's rules.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if ip(&["-n", &hn, "link", "set", "br0", "up"]).is_ok() {
+            break;
+        }
+        t.alive(1, "ovs-vswitchd.err")
+            .map_err(|e| format!("ovs-vswitchd {e}"))?;
+        if Instant::now() > deadline {
+            return Err(format!(
+                "ovs internal port br0 did not appear: {}",
+                t.read_log("ovs-vswitchd.log")
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    ip(&[
+        "-n",
+        &hn,
+        "addr",
+        "add",
+        &format!("{GATEWAY}/24"),
+        "dev",
+        "br0",
+    ])?;
+    host_nat(t, host, "br0", false)?;
+    t.notes.push(format!(
+        "OVS userspace datapath (netdev, userspace TSO {}), internal port as gateway, iptables NAT",
+        if tso { "on" } else { "off" }
+    ));
+    Ok(())
+}
+
+// ---- pasta ----
+
+fn pasta_dp(t: &mut Topo, host: &Path) -> Result<(), String> {
+    let hn = Topo::name_of(host);
+    ip(&[
+        "-n",
+        &hn,
+        "addr",
+        "add",
+        &format!("{UPLINK_IP}/24"),
+        "dev",
+        "up0",
+    ])?;
+    // pasta wants a routable external interface: a default route via ext.
+    ip(&[
+        "-n",
+        &hn,
+        "route",
+        "add",
+        "default",
+        "via",
+        &EXT_IP.to_string(),
+    ])?;
+    let mut c = Command::new("pasta");
+    // As root pasta would switch to nobody and then fail to enter the namespace.
+    c.args(["-f", "-q", "--runas", "0:0", "--config-net", "-a"])
+        .arg(C1_IP.to_string())
+        .args(["-n", "24", "-g"])
+        .arg(GATEWAY.to_string())
+        .args(["-I", "eth0", "-t"])
+        .arg(format!("{PUBLISHED_PORT}:{C1_PORT}"))
+        .args(["-u", "none", "-T", "none", "-U", "none", "--netns"])
+        .arg(&t.c1)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(t.log("pasta.log")?);
+    let child = spawn_in(host, &mut c)?;
+    t.cpu_pid = Some(child.id());
+    t.children.push(child);
+    wait_addr(t, 0, "pasta.log", C1_IP)?;
+    let pid = t.children[0].id();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !sys::listening(pid, PUBLISHED_PORT) {
+        t.alive(0, "pasta.log").map_err(|e| format!("pasta {e}"))?;
+        if Instant::now() > deadline {
+            return Err("pasta does not listen on the published port".into());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    t.notes
+        .push("pasta (tap in c1, sockets in the host namespace); no c1->c2 path".into());
+    Ok(())
+}
+
+/// Waits until c1 has `addr` on an interface (the dataplane configures it).
+fn wait_addr(t: &mut Topo, child: usize, log: &str, addr: Ipv4Addr) -> Result<(), String> {
+    let cn = Topo::name_of(&t.c1);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let out = run_cmd(
+            None,
+            Command::new("ip").args(["-n", &cn, "-4", "-o", "addr"]),
+            Duration::from_secs(10),
+        )?;
+        if String::from_utf8_lossy(&out.stdout).contains(&format!(" {addr}/")) {
+            return Ok(());
+        }
+        t.alive(child, log)
+            .map_err(|e| format!("{} {e}", t.dataplane))?;
+        if Instant::now() > deadline || sys::stopping() {
+            return Err(format!("{addr} did not appear in c1"));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+// ---- slirp4netns ----
+
+fn slirp_dp(t: &mut Topo, host: &Path) -> Result<(), String> {
+    let hn = Topo::name_of(host);
+    ip(&[
+        "-n",
+        &hn,
+        "addr",
+        "add",
+        &format!("{UPLINK_IP}/24"),
+        "dev",
+        "up0",
+    ])?;
+    let api = t.dir.join("slirp.sock");
+    let mut c = Command::new("slirp4netns");
+    c.args([
+        "--configure",
+        "--mtu=65520",
+        "--disable-host-loopback",
+        "--netns-type=path",
+    ])
+    .arg(format!("--cidr={SUBNET}/24"))
+    .arg(format!("--api-socket={}", api.display()))
+    .arg(&t.c1)
+    .arg("eth0")
+    .stdin(Stdio::null())
+    .stdout(Stdio::null())
+    .stderr(t.log("slirp4netns.log")?);
+    let child = spawn_in(host, &mut c)?;
+    t.cpu_pid = Some(child.id());
+    t.children.push(child);
+    // slirp4netns gives the guest .100 of the CIDR.
+    t.c1_ip = sys::host(SUBNET, 100);
+    wait_addr(t, 0, "slirp4netns.log", t.c1_ip)?;
+    let req = format!(
+        "{{\"execute\": \"add_hostfwd\", \"arguments\": {{\"proto\": \"tcp\", \"host_addr\": \"0.0.0.0\", \"host_port\": {PUBLISHED_PORT}, \"guest_port\": {C1_PORT}}}}}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let reply = loop {
+        match slirp_api(&api, &req) {
+            Ok(r) => break r,
+            Err(e) if Instant::now() > deadline => return Err(format!("slirp4netns API: {e}")),
+            Err(_) => std::thread::sleep(Duration::from_millis(50)),
+        }
+    };
+    if !reply.contains("return") || reply.contains("error") {
+        return Err(format!("slirp4netns add_hostfwd: {reply}"));
+    }
+    t.notes.push(format!(
+        "slirp4netns (guest {}, MTU 65520); no c1->c2 path",
+        t.c1_ip
+    ));
+    Ok(())
+}
+
+fn slirp_api(path: &Path, req: &str) -> std::io::Result<String> {
+    use std::io::{Read, Write};
+    let mut s = UnixStream::connect(path)?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.write_all(req.as_bytes())?;
+    s.shutdown(std::net::Shutdown::Write)?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    Ok(out)
+}
