@@ -11,7 +11,9 @@ use switchyard_control::pipeline::Out;
 use switchyard_control::topology::Topology;
 use switchyard_fuzz::TOPOLOGY;
 use switchyard_nat::{Emits, RxMeta};
-use switchyard_switch::{Forward, Instant, NetworkId, PortId, PortKind, Switch, SwitchConfig};
+use switchyard_switch::{
+    Forward, Instant, MacAddr, NetworkId, PortId, PortKind, Switch, SwitchConfig,
+};
 
 static TOPO: OnceLock<Topology> = OnceLock::new();
 
@@ -52,17 +54,23 @@ fn pipeline(sel: u8, frame: &[u8]) {
     let now = Instant::from_secs(1);
     let n = topo.endpoints.len() + 1;
     let i = usize::from(sel & 0x7f) % n;
-    let mut outs: Vec<Out> = Vec::new();
-    let mut tx = |o: Out, _: &[u8]| {
-        outs.push(o);
+    let mut outs: Vec<(Out, Option<MacAddr>)> = Vec::new();
+    let mut tx = |o: Out, f: &[u8]| {
+        outs.push((o, MacAddr::src_of(f)));
         true
     };
     if let Some(e) = topo.endpoints.get(i) {
         p.from_port(e.port, frame, meta, now, &mut tx);
         let net = p.switch.port_network(e.port);
-        for o in outs {
+        let gateway = topo.networks[e.network].gateway_mac;
+        for (o, src) in outs {
             if let Out::Port(q) = o {
-                assert_ne!(q, e.port, "left by its ingress port");
+                // The gateway may answer the sender (ARP, echo, errors, hairpin); a switched
+                // frame never goes back.
+                assert!(
+                    q != e.port || src == Some(gateway),
+                    "left by its ingress port"
+                );
                 assert_eq!(p.switch.port_network(q), net, "crossed networks");
             }
         }
