@@ -568,3 +568,168 @@ pub fn run(a: ReplayArgs) -> Result<i32> {
         .map_err(|e| Error::from(e).context("writing to stdout"))?;
     Ok(0)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pcap_file::pcapng::blocks::simple_packet::SimplePacketBlock;
+
+    const TOPO: &str = r#"
+[[network]]
+name = "n"
+subnet = "10.1.0.0/24"
+gateway = "10.1.0.1"
+gateway_mac = "02:00:00:00:01:01"
+[[endpoint]]
+network = "n"
+name = "a"
+mac = "02:00:00:00:01:02"
+ip = "10.1.0.2"
+[[endpoint]]
+network = "n"
+name = "b"
+mac = "02:00:00:00:01:03"
+ip = "10.1.0.3"
+"#;
+
+    fn idb(name: Option<&str>, tsresol: Option<u8>) -> InterfaceDescriptionBlock<'_> {
+        let mut options = Vec::new();
+        if let Some(n) = name {
+            options.push(InterfaceDescriptionOption::IfName(Cow::Borrowed(n)));
+        }
+        if let Some(r) = tsresol {
+            options.push(InterfaceDescriptionOption::IfTsResol(r));
+        }
+        InterfaceDescriptionBlock {
+            linktype: DataLink::ETHERNET,
+            snaplen: 0,
+            options,
+        }
+    }
+
+    fn epb(iface: u32, ticks: u64, data: &[u8]) -> EnhancedPacketBlock<'_> {
+        EnhancedPacketBlock {
+            interface_id: iface,
+            timestamp: StdDuration::from_nanos(ticks),
+            original_len: data.len() as u32,
+            data: Cow::Borrowed(data),
+            options: Vec::new(),
+        }
+    }
+
+    /// a -> b, unicast (b's MAC is static).
+    const A_TO_B: [u8; 14] = [2, 0, 0, 0, 1, 3, 2, 0, 0, 0, 1, 2, 0x88, 0xb5];
+    const B_TO_A: [u8; 14] = [2, 0, 0, 0, 1, 2, 2, 0, 0, 0, 1, 3, 0x88, 0xb5];
+
+    fn section() -> SectionHeaderBlock<'static> {
+        SectionHeaderBlock {
+            endianness: Endianness::Big,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn sections_resolutions_and_simple_packets() {
+        let mut w = PcapNgWriter::with_section_header(Vec::new(), section()).unwrap();
+        // Section 1: "a" in nanoseconds, then a simple packet on interface 0.
+        w.write_pcapng_block(idb(Some("a"), Some(9))).unwrap();
+        w.write_pcapng_block(epb(0, 1_500_000_000, &A_TO_B))
+            .unwrap();
+        w.write_pcapng_block(SimplePacketBlock {
+            original_len: 14,
+            data: Cow::Borrowed(&A_TO_B),
+        })
+        .unwrap();
+        // Section 2: interface ids start again; "b" in microseconds (the default), and an
+        // unnamed interface that enters --port.
+        w.write_block(&Block::SectionHeader(section())).unwrap();
+        w.write_pcapng_block(idb(Some("b"), None)).unwrap();
+        w.write_pcapng_block(idb(None, Some(0x80 | 10))).unwrap();
+        w.write_pcapng_block(epb(0, 2_000_000, &B_TO_A)).unwrap();
+        w.write_pcapng_block(epb(1, 3 * 1024, &A_TO_B)).unwrap();
+        let bytes = w.into_inner();
+
+        let topo = Topology::parse(TOPO).unwrap();
+        let opts = Options {
+            port: Some("a".into()),
+            partial_csum: false,
+        };
+        let r = replay(&topo, &bytes, &opts).unwrap();
+        let got: Vec<(&str, &str, &[String])> = r
+            .records
+            .iter()
+            .map(|x| (x.ingress.as_str(), x.verdict, x.egress.as_slice()))
+            .collect();
+        let (a, b) = (["a".to_string()], ["b".to_string()]);
+        assert_eq!(
+            got,
+            vec![
+                ("a", "forwarded", &b[..]),
+                ("a", "forwarded", &b[..]),
+                ("b", "forwarded", &a[..]),
+                ("a", "forwarded", &b[..]),
+            ]
+        );
+        let times: Vec<u64> = r.emitted.iter().map(|e| e.time_ns).collect();
+        assert_eq!(
+            times,
+            vec![1_500_000_000, 1_500_000_000, 2_000_000_000, 3_000_000_000],
+            "ns, the simple packet at the time before it, us, 2^-10 s"
+        );
+
+        // Without --port the unnamed interface is an error, naming the packet.
+        let e = replay(&topo, &bytes, &Options::default()).unwrap_err();
+        assert!(e.to_string().contains("packet 4"), "{e}");
+    }
+
+    #[test]
+    fn output_is_little_endian_pcapng_with_named_nanosecond_interfaces() {
+        let mut w = PcapNgWriter::with_section_header(Vec::new(), section()).unwrap();
+        w.write_pcapng_block(idb(Some("b"), None)).unwrap();
+        w.write_pcapng_block(epb(0, 7, &B_TO_A)).unwrap();
+        let topo = Topology::parse(TOPO).unwrap();
+        let r = replay(&topo, &w.into_inner(), &Options::default()).unwrap();
+        let out = r.to_pcapng().unwrap();
+        assert_eq!(&out[..4], &PCAPNG_MAGIC);
+        assert_eq!(
+            &out[8..12],
+            &[0x4d, 0x3c, 0x2b, 0x1a],
+            "little-endian byte-order magic"
+        );
+        let cap = read_capture(&out).unwrap();
+        assert_eq!(cap.ifaces.len(), 1);
+        assert_eq!(cap.ifaces[0].name.as_deref(), Some("a"));
+        assert_eq!(cap.ifaces[0].tick, (1, 1));
+        assert_eq!(cap.packets[0].time_ns, 7_000);
+        assert_eq!(&cap.packets[0].data[..], &B_TO_A);
+    }
+
+    #[test]
+    fn partial_checksums_are_completed() {
+        // IPv4/UDP with both checksums zeroed... except UDP zero means none: use 0x1234.
+        let mut f = vec![0u8; 14 + 20 + 8 + 4];
+        f[12..14].copy_from_slice(&[8, 0]);
+        f[14..34].copy_from_slice(&[
+            0x45, 0, 0, 32, 0, 1, 0, 0, 64, 17, 0, 0, 10, 1, 0, 2, 10, 1, 0, 3,
+        ]);
+        f[34..42].copy_from_slice(&[0, 1, 0, 2, 0, 12, 0x12, 0x34]);
+        complete_checksums(&mut f);
+        let ip = Ipv4Packet::new_checked(&f[14..]).unwrap();
+        assert!(ip.verify_checksum());
+        let (s, d) = (
+            IpAddress::Ipv4(ip.src_addr()),
+            IpAddress::Ipv4(ip.dst_addr()),
+        );
+        assert!(UdpPacket::new_checked(ip.payload())
+            .unwrap()
+            .verify_checksum(&s, &d));
+        // A zero UDP checksum stays zero.
+        f[40..42].copy_from_slice(&[0, 0]);
+        complete_checksums(&mut f);
+        assert_eq!(&f[40..42], &[0, 0]);
+        // Anything else is left alone.
+        let mut junk = vec![0xffu8; 20];
+        complete_checksums(&mut junk);
+        assert_eq!(junk, vec![0xff; 20]);
+    }
+}
