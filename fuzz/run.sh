@@ -31,7 +31,11 @@ failed=()
 for t in "${targets[@]}"; do
     echo "== fuzz $t for ${secs}s"
     mkdir -p "$work/$t"
-    if ! cargo fuzz run -O --debug-assertions "$t" "$work/$t" "corpus/$t" -- \
+    seeds=()
+    if [ -d "corpus/$t" ]; then
+        seeds=("corpus/$t")
+    fi
+    if ! cargo fuzz run -O --debug-assertions "$t" "$work/$t" "${seeds[@]}" -- \
         -max_total_time="$secs" -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 \
         >"$work/$t.log" 2>&1; then
         tail -n 60 "$work/$t.log"
