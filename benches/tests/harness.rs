@@ -14,13 +14,20 @@ use serde_json::Value;
 
 const BENCH: &str = env!("CARGO_BIN_EXE_switchyard-bench");
 
+/// Root, and the tools the kernel dataplane and the TCP tests use (Debian: iperf3, iptables).
 fn root() -> bool {
-    if nix::unistd::geteuid().is_root() {
-        true
-    } else {
+    if !nix::unistd::geteuid().is_root() {
         println!("skipped: needs root (network namespaces)");
-        false
+        return false;
     }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    for tool in ["iperf3", "iptables-restore", "ip"] {
+        if !std::env::split_paths(&path).any(|d| d.join(tool).is_file()) {
+            println!("skipped: {tool} not installed (apt-get install iperf3 iptables iproute2)");
+            return false;
+        }
+    }
+    true
 }
 
 /// `switchyard` next to the harness, built if missing.
