@@ -33,6 +33,7 @@ pub mod conntrack;
 mod counters;
 mod dnat;
 mod emit;
+mod fast;
 pub mod frag;
 mod gateway;
 mod host;

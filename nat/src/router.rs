@@ -286,6 +286,9 @@ impl Router {
         now: Instant,
         out: &mut Emits,
     ) -> Verdict {
+        if self.fast_from_network(net, frame, meta, now, out).is_some() {
+            return self.finish(Verdict::Forwarded);
+        }
         let v = self.network_rx(net, frame, meta, now, out);
         self.finish(v)
     }
@@ -298,12 +301,15 @@ impl Router {
         now: Instant,
         out: &mut Emits,
     ) -> Verdict {
+        if self.fast_from_uplink(frame, meta, now, out).is_some() {
+            return self.finish(Verdict::Forwarded);
+        }
         let v = self.uplink_rx(frame, meta, now, out);
         self.finish(v)
     }
 
     #[inline]
-    fn finish(&mut self, v: Verdict) -> Verdict {
+    pub(crate) fn finish(&mut self, v: Verdict) -> Verdict {
         if let Verdict::Dropped(r) = v {
             self.counters.drop(r);
         }
@@ -330,7 +336,7 @@ impl Router {
         self.endpoints.get(&ep_key(net, ip)).copied()
     }
 
-    fn network_rx(
+    pub(crate) fn network_rx(
         &mut self,
         net: NetworkId,
         frame: &[u8],
@@ -423,7 +429,13 @@ impl Router {
         self.masquerade(&rx, &n, &l4, key, out)
     }
 
-    fn uplink_rx(&mut self, frame: &[u8], meta: RxMeta, now: Instant, out: &mut Emits) -> Verdict {
+    pub(crate) fn uplink_rx(
+        &mut self,
+        frame: &[u8],
+        meta: RxMeta,
+        now: Instant,
+        out: &mut Emits,
+    ) -> Verdict {
         let Some(up) = self.uplink else {
             return Verdict::Dropped(DropReason::NoRoute);
         };
@@ -657,7 +669,7 @@ impl Router {
     }
 
     #[inline]
-    fn count_translated(&mut self, kind: Kind, from: Zone, to: Zone) {
+    pub(crate) fn count_translated(&mut self, kind: Kind, from: Zone, to: Zone) {
         if kind == Kind::Hairpin {
             self.counters.hairpinned += 1;
         } else if to == UPLINK_ZONE {

@@ -481,6 +481,29 @@ impl<A: IpAddress> Table<A> {
         }
     }
 
+    /// [`Self::lookup`] without side effects, for the fast path: `None` for a missing *or
+    /// expired* entry (the caller then takes the full path, whose `lookup` collects it).
+    #[inline]
+    pub(crate) fn lookup_live(&self, zone: Zone, t: &Tuple<A>, now_us: i64) -> Option<(u32, Dir)> {
+        let (idx, dir) = self.find(zone, t)?;
+        let c = &self.conns[idx as usize];
+        self.is_live(c, now_us).then_some((idx, dir))
+    }
+
+    /// What a live-indexed slot translates packets of `dir` to: the target tuple, the egress
+    /// zone, the kind and the handle (the fast path's `get` + `target`).
+    #[inline]
+    pub(crate) fn translation(&self, idx: u32, dir: Dir) -> (Tuple<A>, Zone, Kind, ConnRef) {
+        let c = &self.conns[idx as usize];
+        let o = dir.other().idx();
+        (
+            c.tuple[o].inverse(),
+            c.zone[o],
+            c.kind,
+            ConnRef { idx, gen: c.gen },
+        )
+    }
+
     /// True when a live connection owns `t` in `zone` (expired owners are collected).
     pub fn in_use(&mut self, zone: Zone, t: &Tuple<A>, now: Instant) -> bool {
         self.lookup(zone, t, now).is_some()
