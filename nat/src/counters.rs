@@ -117,7 +117,7 @@ impl ConnInfo {
             state: c.state.as_str(),
             timeout: left.total_micros().div_ceil(1_000_000),
             network: c.network.0,
-            kind: match c.kind {
+            kind: match c.kind() {
                 Kind::Snat => "snat",
                 Kind::Dnat => "dnat",
                 Kind::Hairpin => "hairpin",

@@ -185,7 +185,7 @@ impl Router {
             return;
         }
         self.table.retain(|c| {
-            let inside = match c.kind {
+            let inside = match c.kind() {
                 Kind::Snat => c.tuple[0].src == ip,
                 Kind::Dnat => c.tuple[1].src == ip,
                 Kind::Hairpin => c.tuple[0].src == ip || c.tuple[1].src == ip,
@@ -216,7 +216,7 @@ impl Router {
         let l4 = crate::dnat::l4_of(f.proto);
         self.table.retain(|c| {
             let o = &c.tuple[0];
-            let hit = c.kind != Kind::Snat
+            let hit = c.kind() != Kind::Snat
                 && c.network == f.network
                 && o.proto == l4
                 && o.dport == f.host_port
@@ -601,7 +601,7 @@ impl Router {
         };
         let to = c.target(dir);
         let ezone = c.zone[dir.other().idx()];
-        let kind = c.kind;
+        let kind = c.kind();
         let hop = match self.route_checks(rx, Some(l4), ezone, to.dst, out) {
             Ok(h) => h,
             Err(v) => return v,
@@ -634,7 +634,7 @@ impl Router {
         };
         let to = c.target(dir);
         let ezone = c.zone[dir.other().idx()];
-        let kind = c.kind;
+        let kind = c.kind();
         let hop = match self.route_checks(rx, None, ezone, to.dst, out) {
             Ok(h) => h,
             Err(v) => return v,

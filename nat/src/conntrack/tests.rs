@@ -215,3 +215,9 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn an_ipv4_connection_is_one_cache_line() {
+    assert_eq!(std::mem::size_of::<Conn<Ipv4Addr>>(), 64);
+    assert_eq!(std::mem::align_of::<Conn<Ipv4Addr>>(), 64);
+}
