@@ -207,6 +207,36 @@ fn bench_established(c: &mut Criterion) {
             }
         })
     });
+    // The batch API: the same frames handed over BATCH at a time (as a NIC ring delivers them).
+    let mut verdicts = Vec::with_capacity(BATCH);
+    let mut k = 0usize;
+    g.bench_function("uplink_to_container_64B_batch", |b| {
+        b.iter(|| {
+            out.clear();
+            verdicts.clear();
+            let mut fs: [&[u8]; BATCH] = [&[]; BATCH];
+            for f in fs.iter_mut() {
+                *f = &replies[k..k + 64];
+                k = if k + 64 == replies.len() { 0 } else { k + 64 };
+            }
+            r.handle_batch_from_uplink(&fs, RxMeta::default(), now, &mut out, &mut verdicts);
+            black_box(&verdicts);
+        })
+    });
+    let mut k = 0usize;
+    g.bench_function("container_to_uplink_64B_batch", |b| {
+        b.iter(|| {
+            out.clear();
+            verdicts.clear();
+            let mut fs: [&[u8]; BATCH] = [&[]; BATCH];
+            for f in fs.iter_mut() {
+                *f = &outs[k..k + 64];
+                k = if k + 64 == outs.len() { 0 } else { k + 64 };
+            }
+            r.handle_batch_from_network(NET, &fs, RxMeta::default(), now, &mut out, &mut verdicts);
+            black_box(&verdicts);
+        })
+    });
     g.finish();
 }
 

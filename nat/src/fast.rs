@@ -25,7 +25,7 @@ use switchyard_switch::{Instant, MacAddr, NetworkId};
 use crate::checksum as ck;
 use crate::config::{in_subnet, RxMeta};
 use crate::conntrack::tcp::TcpFlags;
-use crate::conntrack::{Tuple, Zone, L4, UPLINK_ZONE};
+use crate::conntrack::{Tuple, Zone, L4, UPLINK_ZONE, WARM_MAX};
 use crate::emit::{Egress, Emits};
 use crate::packet::ETH_LEN;
 use crate::router::Router;
@@ -163,7 +163,51 @@ fn parse(frame: &[u8]) -> Option<Pkt> {
     })
 }
 
+/// The conntrack key a TCP/UDP frame would have, read without any validation (for
+/// [`Router::warm`] only: a wrong guess costs a useless read, never a wrong result).
+#[inline(always)]
+fn peek_key(f: &[u8]) -> Option<Tuple> {
+    if f.len() < ETH_LEN + IP_HDR + 4 || f[12..14] != [8, 0] || f[14] != 0x45 {
+        return None;
+    }
+    let proto = match f[23] {
+        PROTO_TCP => L4::Tcp,
+        PROTO_UDP => L4::Udp,
+        _ => return None,
+    };
+    Some(Tuple {
+        src: Ipv4Addr::from_bits(rd32(f, 26)),
+        dst: Ipv4Addr::from_bits(rd32(f, 30)),
+        sport: rd16(f, 34),
+        dport: rd16(f, 36),
+        proto,
+    })
+}
+
 impl Router {
+    /// Start the conntrack reads for a group of frames arriving in `zone` (batch API).
+    #[inline]
+    pub(crate) fn warm(&self, zone: Zone, frames: &[&[u8]]) -> u64 {
+        let mut keys = [(
+            zone,
+            Tuple {
+                src: Ipv4Addr::UNSPECIFIED,
+                dst: Ipv4Addr::UNSPECIFIED,
+                sport: 0,
+                dport: 0,
+                proto: L4::Udp,
+            },
+        ); WARM_MAX];
+        let mut n = 0;
+        for f in frames.iter().take(WARM_MAX) {
+            if let Some(t) = peek_key(f) {
+                keys[n].1 = t;
+                n += 1;
+            }
+        }
+        self.table.warm(&keys[..n])
+    }
+
     /// Fast path of [`Router::handle_from_network`]; `None`: take the full path.
     #[inline]
     pub(crate) fn fast_from_network(

@@ -308,6 +308,45 @@ impl Router {
         self.finish(v)
     }
 
+    /// [`Self::handle_from_network`] for several frames received together on `net`'s router
+    /// port, one verdict per frame pushed to `verdicts`. Same results, in the same order, as
+    /// calling it per frame; faster because the conntrack reads of a group of frames are
+    /// started together (see `Table::warm`).
+    pub fn handle_batch_from_network(
+        &mut self,
+        net: NetworkId,
+        frames: &[&[u8]],
+        meta: RxMeta,
+        now: Instant,
+        out: &mut Emits,
+        verdicts: &mut Vec<Verdict>,
+    ) {
+        for group in frames.chunks(crate::conntrack::WARM_MAX) {
+            std::hint::black_box(self.warm(net.0, group));
+            for f in group {
+                verdicts.push(self.handle_from_network(net, f, meta, now, out));
+            }
+        }
+    }
+
+    /// [`Self::handle_from_uplink`] for several frames received together (see
+    /// [`Self::handle_batch_from_network`]).
+    pub fn handle_batch_from_uplink(
+        &mut self,
+        frames: &[&[u8]],
+        meta: RxMeta,
+        now: Instant,
+        out: &mut Emits,
+        verdicts: &mut Vec<Verdict>,
+    ) {
+        for group in frames.chunks(crate::conntrack::WARM_MAX) {
+            std::hint::black_box(self.warm(UPLINK_ZONE, group));
+            for f in group {
+                verdicts.push(self.handle_from_uplink(f, meta, now, out));
+            }
+        }
+    }
+
     #[inline]
     pub(crate) fn finish(&mut self, v: Verdict) -> Verdict {
         if let Verdict::Dropped(r) = v {
