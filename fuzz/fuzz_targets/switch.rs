@@ -17,7 +17,9 @@ const PORTS: u32 = 9;
 fn add_port(s: &mut Switch, p: u32, now: Instant) {
     let net = NetworkId(1 + (p / 3) as u16);
     // Every third port has a static MAC (an endpoint the daemon made), port 4 anti-spoofing.
-    let mac = p.is_multiple_of(3).then_some(MacAddr([2, 0, 0, 0, p as u8, 1]));
+    let mac = p
+        .is_multiple_of(3)
+        .then_some(MacAddr([2, 0, 0, 0, p as u8, 1]));
     let kind = if p == 8 {
         PortKind::Router
     } else {
