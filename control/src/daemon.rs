@@ -1017,6 +1017,12 @@ impl Daemon {
             if let Value::Object(m) = &mut v {
                 m.insert("pending".into(), json!(d.pending_len()));
                 m.insert("cached".into(), json!(d.cache_len()));
+                let t = &dp.pipeline.dns_tcp;
+                let mut tcp = serde_json::to_value(t.counters()).unwrap_or(Value::Null);
+                if let Value::Object(tm) = &mut tcp {
+                    tm.insert("connections".into(), json!(t.len()));
+                }
+                m.insert("tcp".into(), tcp);
             }
             v
         })?;

@@ -18,8 +18,8 @@ use switchyard_switch::{
 
 use switchyard_switch::gso::{segment_tcp4, VnetHdr, GSO_NONE, GSO_TCPV4};
 
-use crate::dns::packet::{udp_frame, udp_packet, udp_to, DNS_PORT};
-use crate::dns::{DnsConfig, DnsServer, NetInfo, Output as DnsOut};
+use crate::dns::packet::{ip_frame, tcp_to, udp_frame, udp_packet, udp_to, DNS_PORT};
+use crate::dns::{DnsConfig, DnsServer, DnsTcp, NetInfo, Output as DnsOut, TcpConfig, Transport};
 use crate::error::{Error, Result};
 
 /// Where the pipeline sends a frame.
@@ -91,6 +91,8 @@ pub struct Pipeline {
     seg: Vec<u8>,
     /// The embedded DNS server, at the gateway of every network it serves (none by default).
     pub dns: DnsServer,
+    /// DNS over TCP at the same gateways (RFC 7766), answered by `dns`.
+    pub dns_tcp: DnsTcp,
     /// Upstream DNS queries waiting for a host socket (no raw uplink): (upstream, message).
     dns_host: Vec<(SocketAddrV4, Vec<u8>)>,
 }
@@ -106,6 +108,7 @@ impl Pipeline {
             host: Emits::new(),
             seg: Vec::new(),
             dns: DnsServer::new(DnsConfig::default()),
+            dns_tcp: DnsTcp::new(TcpConfig::default()),
             dns_host: Vec::new(),
         }
     }
@@ -434,7 +437,11 @@ impl Pipeline {
     pub fn set_dns_network(&mut self, net: NetworkId, info: Option<NetInfo>) {
         match info {
             Some(i) => self.dns.set_network(net, i),
-            None => self.dns.forget_network(net),
+            None => {
+                self.dns.forget_network(net);
+                self.dns_tcp.forget_network(net);
+                self.dns_tcp.take_closed();
+            }
         }
     }
 
@@ -451,8 +458,12 @@ impl Pipeline {
         let info = self.dns.names.network(net)?;
         let (gateway, mtu) = (info.gateway, info.mtu);
         let gw_mac = self.router.network_for(gateway)?.gateway_mac;
-        let Ok(Some(d)) = udp_to(frame, gw_mac, gateway, meta.partial_csum) else {
-            return None;
+        let d = match udp_to(frame, gw_mac, gateway, meta.partial_csum) {
+            Ok(Some(d)) => d,
+            Ok(None) => {
+                return self.dns_tcp_segment(net, gateway, gw_mac, mtu, frame, meta, now, tx)
+            }
+            Err(_) => return None,
         };
         if d.dst.port() != DNS_PORT {
             return None;
@@ -469,6 +480,46 @@ impl Pipeline {
         } else {
             Verdict::Consumed
         })
+    }
+
+    /// A TCP segment for `net`'s gateway port 53 from one of its endpoints: to its connection.
+    /// `None`: not DNS over TCP for us (the router takes it: a bad checksum is its to count).
+    #[allow(clippy::too_many_arguments)]
+    fn dns_tcp_segment(
+        &mut self,
+        net: NetworkId,
+        gateway: Ipv4Addr,
+        gw_mac: MacAddr,
+        mtu: usize,
+        frame: &[u8],
+        meta: RxMeta,
+        now: Instant,
+        tx: &mut dyn FnMut(Out, &[u8]) -> bool,
+    ) -> Option<Verdict> {
+        let Ok(Some(s)) = tcp_to(frame, gw_mac, gateway, meta.partial_csum) else {
+            return None;
+        };
+        if s.dst.port() != DNS_PORT {
+            return None;
+        }
+        if self.router.endpoint_mac(net, *s.src.ip()) != Some(s.src_mac) {
+            return Some(Verdict::Dropped(DropReason::NotForUs));
+        }
+        self.dns_tcp
+            .segment(now, net, gateway, s.src, mtu, s.syn, &frame[s.packet]);
+        Some(if self.dns_flush(now, tx) {
+            Verdict::Answered
+        } else {
+            Verdict::Consumed
+        })
+    }
+
+    /// When the DNS timers ([`Self::dns_expire`]) have something to do next.
+    pub fn dns_poll_at(&self) -> Option<Instant> {
+        match (self.dns.poll_timeout(), self.dns_tcp.poll_at()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     /// An upstream's answer to the uplink address: true when the DNS server took it.
@@ -509,9 +560,11 @@ impl Pipeline {
         self.dns_flush(now, tx);
     }
 
-    /// Retry or fail overdue forwarded queries (the dataplane calls it on its timer).
+    /// Retry or fail overdue forwarded queries, run the TCP connections' timers (the
+    /// dataplane calls it on its timer, [`Self::dns_poll_at`]).
     pub fn dns_expire(&mut self, now: Instant, tx: &mut dyn FnMut(Out, &[u8]) -> bool) {
         self.dns.expire(now);
+        self.dns_tcp.expire(now);
         self.dns_flush(now, tx);
     }
 
@@ -520,17 +573,81 @@ impl Pipeline {
         std::mem::take(&mut self.dns_host)
     }
 
-    /// Send what the DNS server produced; true when a reply went to a container.
+    /// Send what the DNS server and its TCP connections produced, hand the queries read on
+    /// the connections to the server, until neither has more; true when something went to a
+    /// container.
     fn dns_flush(&mut self, now: Instant, tx: &mut dyn FnMut(Out, &[u8]) -> bool) -> bool {
+        let mut sent = false;
+        // Ends: every query read consumed bytes of a bounded receive buffer.
+        loop {
+            sent |= self.dns_flush_core(now, tx);
+            let qs = self.dns_tcp.take_queries();
+            for q in &qs {
+                self.dns
+                    .handle_query_tcp(now, q.net, q.server, q.client, q.conn, &q.payload);
+            }
+            sent |= self.dns_flush_core(now, tx);
+            for q in &qs {
+                let waiting = self.dns.tcp_pending(q.net, q.client, q.conn);
+                self.dns_tcp.settle(now, q.conn, waiting);
+            }
+            for id in self.dns_tcp.take_closed() {
+                self.dns.forget_tcp(id);
+            }
+            for (net, pkt) in self.dns_tcp.take_packets() {
+                sent |= self.dns_tcp_send(net, &pkt, now, tx);
+            }
+            if qs.is_empty() {
+                return sent;
+            }
+        }
+    }
+
+    /// A TCP segment (bare IPv4) from the gateway of `net` to one of its endpoints.
+    fn dns_tcp_send(
+        &mut self,
+        net: NetworkId,
+        pkt: &[u8],
+        now: Instant,
+        tx: &mut dyn FnMut(Out, &[u8]) -> bool,
+    ) -> bool {
+        let (Some(src), Some(dst)) = (pkt.get(12..16), pkt.get(16..20)) else {
+            return false;
+        };
+        let src = Ipv4Addr::new(src[0], src[1], src[2], src[3]);
+        let dst = Ipv4Addr::new(dst[0], dst[1], dst[2], dst[3]);
+        let Some(mac) = self.router.endpoint_mac(net, dst) else {
+            return false;
+        };
+        let Some(gw_mac) = self.router.network_for(src).map(|n| n.gateway_mac) else {
+            return false;
+        };
+        let Some(rp) = self.router_port(net) else {
+            return false;
+        };
+        let f = ip_frame(gw_mac, mac, pkt);
+        self.port_rx(rp, &f, RxMeta::default(), now, tx);
+        true
+    }
+
+    /// Send what the DNS server produced (TCP replies to their connections); true when a
+    /// reply went to a container.
+    fn dns_flush_core(&mut self, now: Instant, tx: &mut dyn FnMut(Out, &[u8]) -> bool) -> bool {
         let outs: Vec<DnsOut> = self.dns.drain().collect();
         let mut replied = false;
         for o in outs {
             match o {
                 DnsOut::Reply {
+                    transport: Transport::Tcp(conn),
+                    payload,
+                    ..
+                } => self.dns_tcp.reply(now, conn, &payload),
+                DnsOut::Reply {
                     net,
                     server,
                     client,
                     payload,
+                    ..
                 } => {
                     let Some(mac) = self.router.endpoint_mac(net, *client.ip()) else {
                         continue;

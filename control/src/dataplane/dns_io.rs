@@ -23,9 +23,10 @@ pub(super) struct DnsIo {
 }
 
 impl DpState {
-    /// When the loop should wake for the DNS server's timers (an upstream timeout).
+    /// When the loop should wake for the DNS server's timers (an upstream timeout, a TCP
+    /// retransmission or idle timeout).
     pub(super) fn dns_due(&self) -> Option<WallInstant> {
-        let (at, now) = (self.pipeline.dns.poll_timeout()?, self.now());
+        let (at, now) = (self.pipeline.dns_poll_at()?, self.now());
         let left = if at > now {
             (at - now).total_micros()
         } else {
@@ -79,7 +80,7 @@ impl DpState {
                 }
             }
         }
-        if pipeline.dns.poll_timeout().is_some_and(|t| t <= now) {
+        if pipeline.dns_poll_at().is_some_and(|t| t <= now) {
             pipeline.dns_expire(now, &mut tx);
         }
         let ups = pipeline.dns_take_upstream();

@@ -86,6 +86,7 @@ fn ask_from(
             server,
             client: to,
             payload,
+            ..
         } => {
             assert_eq!((n, server, to), (net, gw, c));
             Message::from_vec(&payload).unwrap()

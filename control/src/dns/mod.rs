@@ -25,12 +25,16 @@ pub mod packet;
 mod pipeline_tests;
 pub mod server;
 pub mod table;
+pub mod tcp;
+#[cfg(test)]
+mod tcp_tests;
 
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::path::Path;
 
-pub use server::{DnsConfig, DnsCounters, DnsServer, Output};
+pub use server::{DnsConfig, DnsCounters, DnsServer, Output, Transport};
 pub use table::{normalize, Names, NetInfo, Reverse};
+pub use tcp::{DnsTcp, TcpConfig, TcpCounters, TcpQuery};
 
 /// The nameservers of a resolv.conf text (IPv4 only: the dataplane forwards over IPv4).
 pub fn parse_resolv_conf(text: &str) -> Vec<Ipv4Addr> {

@@ -7,7 +7,7 @@ use std::ops::Range;
 use smoltcp::phy::ChecksumCapabilities;
 use smoltcp::wire::{
     EthernetAddress, EthernetFrame, EthernetProtocol, EthernetRepr, IpAddress, IpProtocol,
-    Ipv4Packet, Ipv4Repr, UdpPacket, UdpRepr,
+    Ipv4Packet, Ipv4Repr, TcpPacket, UdpPacket, UdpRepr,
 };
 use switchyard_switch::{DropReason, MacAddr};
 
@@ -72,6 +72,77 @@ pub fn udp_to(
         dst: SocketAddrV4::new(dst, udp.dst_port()),
         payload: start..end,
     }))
+}
+
+/// A TCP segment found in a frame.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Segment {
+    pub src_mac: MacAddr,
+    pub src: SocketAddrV4,
+    pub dst: SocketAddrV4,
+    /// SYN without ACK or RST: the only segment that may open a connection.
+    pub syn: bool,
+    /// Where the IPv4 packet sits in the frame (its total length, no Ethernet padding).
+    pub packet: Range<usize>,
+}
+
+/// The TCP segment in `frame` if it is one addressed to `dst_mac` and `dst_ip`, whole (not a
+/// fragment) and with good checksums (the TCP one unless `partial_csum`). `Ok(None)`: not TCP
+/// for that address; `Err`: TCP for it, but broken.
+pub fn tcp_to(
+    frame: &[u8],
+    dst_mac: MacAddr,
+    dst_ip: Ipv4Addr,
+    partial_csum: bool,
+) -> Result<Option<Segment>, DropReason> {
+    let Ok(eth) = EthernetFrame::new_checked(frame) else {
+        return Ok(None);
+    };
+    if eth.ethertype() != EthernetProtocol::Ipv4 || eth.dst_addr() != EthernetAddress(dst_mac.0) {
+        return Ok(None);
+    }
+    let Ok(ip) = Ipv4Packet::new_checked(&frame[ETH..]) else {
+        return Ok(None);
+    };
+    if ip.version() != 4 || ip.dst_addr() != dst_ip || ip.next_header() != IpProtocol::Tcp {
+        return Ok(None);
+    }
+    if ip.more_frags() || ip.frag_offset() != 0 {
+        return Ok(None);
+    }
+    if !ip.verify_checksum() {
+        return Err(DropReason::BadChecksum);
+    }
+    let hl = usize::from(ip.header_len());
+    let total = usize::from(ip.total_len());
+    let l4 = &frame[ETH + hl..ETH + total];
+    let Ok(tcp) = TcpPacket::new_checked(l4) else {
+        return Err(DropReason::Malformed);
+    };
+    let (src, dst) = (ip.src_addr(), ip.dst_addr());
+    if !partial_csum && !tcp.verify_checksum(&IpAddress::Ipv4(src), &IpAddress::Ipv4(dst)) {
+        return Err(DropReason::BadChecksum);
+    }
+    Ok(Some(Segment {
+        src_mac: MacAddr(eth.src_addr().0),
+        src: SocketAddrV4::new(src, tcp.src_port()),
+        dst: SocketAddrV4::new(dst, tcp.dst_port()),
+        syn: tcp.syn() && !tcp.ack() && !tcp.rst(),
+        packet: ETH..ETH + total,
+    }))
+}
+
+/// An Ethernet frame around a bare IPv4 packet.
+pub fn ip_frame(src_mac: MacAddr, dst_mac: MacAddr, packet: &[u8]) -> Vec<u8> {
+    let mut buf = vec![0u8; ETH + packet.len()];
+    let eth = EthernetRepr {
+        src_addr: EthernetAddress(src_mac.0),
+        dst_addr: EthernetAddress(dst_mac.0),
+        ethertype: EthernetProtocol::Ipv4,
+    };
+    eth.emit(&mut EthernetFrame::new_unchecked(&mut buf[..]));
+    buf[ETH..].copy_from_slice(packet);
+    buf
 }
 
 /// A bare IPv4/UDP packet (TTL 64, DF set, checksums filled).

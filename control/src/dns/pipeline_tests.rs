@@ -15,15 +15,15 @@ use crate::pipeline::{Out, Pipeline, Verdict};
 const UP_ADDR: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 10);
 const UP_MAC: MacAddr = MacAddr([2, 0, 0, 0, 0, 0x10]);
 const NEXT_MAC: MacAddr = MacAddr([2, 0, 0, 0, 0, 0x01]);
-const UPSTREAM: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(198, 51, 100, 53), 53);
+pub(super) const UPSTREAM: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(198, 51, 100, 53), 53);
 
-struct Net {
-    id: NetworkId,
-    gw: Ipv4Addr,
-    gw_mac: MacAddr,
+pub(super) struct Net {
+    pub(super) id: NetworkId,
+    pub(super) gw: Ipv4Addr,
+    pub(super) gw_mac: MacAddr,
 }
 
-fn net(p: &mut Pipeline, n: u8, dns: bool) -> Net {
+pub(super) fn net(p: &mut Pipeline, n: u8, dns: bool) -> Net {
     let id = NetworkId(u16::from(n));
     let gw = Ipv4Addr::new(10, n, 0, 1);
     let gw_mac = MacAddr([2, 0, 0, n, 0, 1]);
@@ -54,7 +54,13 @@ fn net(p: &mut Pipeline, n: u8, dns: bool) -> Net {
     Net { id, gw, gw_mac }
 }
 
-fn endpoint(p: &mut Pipeline, n: &Net, port: u32, host: u8, names: &[&str]) -> (Ipv4Addr, MacAddr) {
+pub(super) fn endpoint(
+    p: &mut Pipeline,
+    n: &Net,
+    port: u32,
+    host: u8,
+    names: &[&str],
+) -> (Ipv4Addr, MacAddr) {
     let o = n.gw.octets();
     let ip = Ipv4Addr::new(o[0], o[1], o[2], host);
     let mac = MacAddr([2, 0, 0, o[1], 0, host]);
@@ -67,7 +73,7 @@ fn endpoint(p: &mut Pipeline, n: &Net, port: u32, host: u8, names: &[&str]) -> (
     (ip, mac)
 }
 
-fn query(id: u16, name: &str) -> Vec<u8> {
+pub(super) fn query(id: u16, name: &str) -> Vec<u8> {
     let mut m = Message::new(id, MessageType::Query, OpCode::Query);
     m.metadata.recursion_desired = true;
     m.add_query(Query::query(Name::from_ascii(name).unwrap(), RecordType::A));
@@ -94,7 +100,7 @@ fn reply_in(frame: &[u8], mac: MacAddr, ip: Ipv4Addr, gw: Ipv4Addr) -> Message {
     Message::from_vec(&frame[d.payload]).unwrap()
 }
 
-fn addrs(m: &Message) -> Vec<Ipv4Addr> {
+pub(super) fn addrs(m: &Message) -> Vec<Ipv4Addr> {
     m.answers
         .iter()
         .filter_map(|r| match &r.data {
@@ -104,7 +110,7 @@ fn addrs(m: &Message) -> Vec<Ipv4Addr> {
         .collect()
 }
 
-fn setup(uplink: bool) -> (Pipeline, Net, Net) {
+pub(super) fn setup(uplink: bool) -> (Pipeline, Net, Net) {
     let mut p = Pipeline::new(SwitchConfig::default(), RouterConfig::default());
     if uplink {
         p.router.set_uplink(Some(UplinkConfig {

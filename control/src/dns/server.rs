@@ -77,14 +77,27 @@ impl Default for DnsConfig {
     }
 }
 
+/// Largest DNS message over TCP (the 2-byte length prefix, RFC 1035 4.2.2).
+pub const MAX_TCP_MESSAGE: usize = 65_535;
+
+/// How a query came in, and so how its reply goes back.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Transport {
+    /// A datagram from the client's address and port.
+    Udp,
+    /// A message on the gateway's TCP connection with this id (see [`super::tcp`]).
+    Tcp(u64),
+}
+
 /// What the core wants sent.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Output {
-    /// A reply to `client` on `net`, from `server` (the gateway) port 53.
+    /// A reply to `client` on `net`, from `server` (the gateway) port 53, over `transport`.
     Reply {
         net: NetworkId,
         server: Ipv4Addr,
         client: SocketAddrV4,
+        transport: Transport,
         payload: Vec<u8>,
     },
     /// A query to upstream `to`, from local source port `port` (used by the raw uplink; a
@@ -100,6 +113,8 @@ pub enum Output {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct DnsCounters {
     pub queries: u64,
+    /// Of which over TCP.
+    pub tcp_queries: u64,
     pub local_answers: u64,
     pub nxdomain: u64,
     pub forwarded: u64,
@@ -129,7 +144,17 @@ pub struct DnsCounters {
 struct ClientKey {
     net: NetworkId,
     client: SocketAddrV4,
+    transport: Transport,
     id: u16,
+}
+
+/// Where a reply goes.
+#[derive(Clone, Copy, Debug)]
+struct Dest {
+    net: NetworkId,
+    server: Ipv4Addr,
+    client: SocketAddrV4,
+    transport: Transport,
 }
 
 #[derive(Debug)]
@@ -144,6 +169,17 @@ struct Pending {
     port: u16,
     tries: u8,
     deadline: Instant,
+}
+
+impl Pending {
+    fn dest(&self) -> Dest {
+        Dest {
+            net: self.key.net,
+            server: self.server,
+            client: self.key.client,
+            transport: self.key.transport,
+        }
+    }
 }
 
 type CacheKey = (String, u16, u16);
@@ -287,7 +323,48 @@ impl DnsServer {
         payload: &[u8],
         max_udp: usize,
     ) {
+        let to = Dest {
+            net,
+            server,
+            client,
+            transport: Transport::Udp,
+        };
+        self.query(now, to, payload, max_udp)
+    }
+
+    /// One complete message (length prefix removed) on TCP connection `conn` to `server`:53
+    /// from `client`: answered like a datagram, but replies are never truncated below
+    /// [`MAX_TCP_MESSAGE`] and come back as [`Transport::Tcp`]`(conn)`.
+    pub fn handle_query_tcp(
+        &mut self,
+        now: Instant,
+        net: NetworkId,
+        server: Ipv4Addr,
+        client: SocketAddrV4,
+        conn: u64,
+        payload: &[u8],
+    ) {
+        let to = Dest {
+            net,
+            server,
+            client,
+            transport: Transport::Tcp(conn),
+        };
+        self.query(now, to, payload, MAX_TCP_MESSAGE)
+    }
+
+    fn query(&mut self, now: Instant, to: Dest, payload: &[u8], max_udp: usize) {
+        let Dest {
+            net,
+            server,
+            client,
+            transport,
+        } = to;
+        let tcp = matches!(transport, Transport::Tcp(_));
         self.counters.queries += 1;
+        if tcp {
+            self.counters.tcp_queries += 1;
+        }
         let Some(info) = self.names.network(net).cloned() else {
             self.counters.malformed_dropped += 1;
             return;
@@ -306,9 +383,12 @@ impl DnsServer {
             return;
         }
         let id = u16::from_be_bytes([payload[0], payload[1]]);
-        let reply = |to: &mut Self, m: Message| {
-            to.send_reply(net, server, client, m, CLASSIC_UDP.min(max_udp))
+        let first = if tcp {
+            max_udp
+        } else {
+            CLASSIC_UDP.min(max_udp)
         };
+        let reply = |s: &mut Self, m: Message| s.send_reply(to, m, first);
         let msg = match Message::from_vec(payload) {
             Ok(m) => m,
             Err(_) => {
@@ -325,6 +405,8 @@ impl DnsServer {
         resp.metadata.checking_disabled = msg.metadata.checking_disabled;
         let edns = msg.edns.is_some();
         let limit = match &msg.edns {
+            // Over TCP the message size is the only limit (RFC 7766 8).
+            _ if tcp => max_udp,
             Some(e) => usize::from(e.max_payload().max(512)).min(usize::from(EDNS_PAYLOAD)),
             None => CLASSIC_UDP,
         }
@@ -337,12 +419,12 @@ impl DnsServer {
         if msg.metadata.op_code != OpCode::Query {
             self.counters.notimp += 1;
             resp.metadata.response_code = ResponseCode::NotImp;
-            return self.send_reply(net, server, client, resp, limit);
+            return self.send_reply(to, resp, limit);
         }
         if msg.queries.len() != 1 {
             self.counters.formerr += 1;
             resp.metadata.response_code = ResponseCode::FormErr;
-            return self.send_reply(net, server, client, resp, limit);
+            return self.send_reply(to, resp, limit);
         }
         let q = msg.queries[0].clone();
         resp.add_query(q.clone());
@@ -356,7 +438,7 @@ impl DnsServer {
             // odd bytes): not ours to resolve, and not worth an upstream's time.
             self.counters.refused += 1;
             resp.metadata.response_code = ResponseCode::Refused;
-            return self.send_reply(net, server, client, resp, limit);
+            return self.send_reply(to, resp, limit);
         };
         // Local names: the asker's network only.
         if let Some(addrs) = self.names.lookup(net, &name) {
@@ -369,7 +451,7 @@ impl DnsServer {
             }
             // AAAA and other types of a local name: NOERROR, no data (IPv4 only for now).
             self.counters.local_answers += 1;
-            return self.send_reply(net, server, client, resp, limit);
+            return self.send_reply(to, resp, limit);
         }
         if qtype == RecordType::PTR {
             if let Some(ip) = arpa_v4(&name) {
@@ -383,10 +465,10 @@ impl DnsServer {
                                 RData::PTR(PTR(target)),
                             ));
                             self.counters.local_answers += 1;
-                            return self.send_reply(net, server, client, resp, limit);
+                            return self.send_reply(to, resp, limit);
                         }
                     }
-                    Reverse::Unknown => return self.nxdomain(net, server, client, resp, limit),
+                    Reverse::Unknown => return self.nxdomain(to, resp, limit),
                     Reverse::NotOurs => {}
                 }
             }
@@ -394,12 +476,12 @@ impl DnsServer {
         // A single label that is no endpoint here, or a name in the network's own domain:
         // nobody upstream knows it better.
         if !name.contains('.') || self.names.in_own_domain(net, &name) {
-            return self.nxdomain(net, server, client, resp, limit);
+            return self.nxdomain(to, resp, limit);
         }
         if info.internal {
             self.counters.refused += 1;
             resp.metadata.response_code = ResponseCode::Refused;
-            return self.send_reply(net, server, client, resp, limit);
+            return self.send_reply(to, resp, limit);
         }
         let key = (name, u16::from(qtype), u16::from(q.query_class()));
         if let Some(c) = self.cache.get(&key) {
@@ -419,11 +501,16 @@ impl DnsServer {
                     r.ttl = r.ttl.saturating_sub(age);
                 }
                 self.counters.cache_hits += 1;
-                return self.send_reply(net, server, client, m, limit);
+                return self.send_reply(to, m, limit);
             }
             self.cache.remove(&key);
         }
-        let ck = ClientKey { net, client, id };
+        let ck = ClientKey {
+            net,
+            client,
+            transport,
+            id,
+        };
         if self.by_client.contains_key(&ck) {
             self.counters.duplicates += 1;
             return;
@@ -434,7 +521,7 @@ impl DnsServer {
             }
             self.counters.servfail += 1;
             resp.metadata.response_code = ResponseCode::ServFail;
-            return self.send_reply(net, server, client, resp, limit);
+            return self.send_reply(to, resp, limit);
         }
         let mut uid = self.rand() as u16;
         while self.pending.contains_key(&uid) {
@@ -462,17 +549,10 @@ impl DnsServer {
         self.counters.forwarded += 1;
     }
 
-    fn nxdomain(
-        &mut self,
-        net: NetworkId,
-        server: Ipv4Addr,
-        client: SocketAddrV4,
-        mut resp: Message,
-        limit: usize,
-    ) {
+    fn nxdomain(&mut self, to: Dest, mut resp: Message, limit: usize) {
         self.counters.nxdomain += 1;
         resp.metadata.response_code = ResponseCode::NXDomain;
-        self.send_reply(net, server, client, resp, limit)
+        self.send_reply(to, resp, limit)
     }
 
     fn send_upstream(&mut self, uid: u16, p: &Pending) {
@@ -497,14 +577,7 @@ impl DnsServer {
 
     /// Encode `m` for a client that takes `limit` bytes; too big goes out truncated (TC set,
     /// question only), as a client then retries over TCP.
-    fn send_reply(
-        &mut self,
-        net: NetworkId,
-        server: Ipv4Addr,
-        client: SocketAddrV4,
-        m: Message,
-        limit: usize,
-    ) {
+    fn send_reply(&mut self, to: Dest, m: Message, limit: usize) {
         let payload = match m.to_vec() {
             Ok(p) if p.len() <= limit => p,
             Ok(_) => {
@@ -528,9 +601,10 @@ impl DnsServer {
             }
         };
         self.out.push(Output::Reply {
-            net,
-            server,
-            client,
+            net: to.net,
+            server: to.server,
+            client: to.client,
+            transport: to.transport,
             payload,
         });
     }
@@ -578,6 +652,7 @@ impl DnsServer {
         let mut r = m;
         r.metadata.id = p.key.id;
         r.metadata.recursion_available = true;
+        let to = p.dest();
         r.queries = vec![p.query];
         r.edns = p.edns.then(|| {
             let mut e = Edns::new();
@@ -588,7 +663,7 @@ impl DnsServer {
         if rcode == ResponseCode::NXDomain {
             self.counters.nxdomain += 1;
         }
-        self.send_reply(p.key.net, p.server, p.key.client, r, p.max_udp);
+        self.send_reply(to, r, p.max_udp);
     }
 
     fn store(&mut self, q: &Query, m: &Message, now: Instant) {
@@ -669,13 +744,32 @@ impl DnsServer {
             let mut m = Message::error_msg(p.key.id, OpCode::Query, ResponseCode::ServFail);
             m.metadata.recursion_available = true;
             m.metadata.recursion_desired = true;
+            let to = p.dest();
             m.add_query(p.query);
             self.counters.servfail += 1;
-            self.send_reply(p.key.net, p.server, p.key.client, m, p.max_udp);
+            self.send_reply(to, m, p.max_udp);
         }
         if self.cache.len() * 2 >= self.cfg.cache_max {
             self.cache.retain(|_, c| c.expires > now);
         }
+    }
+
+    /// Queries of TCP connection `conn` (from `client` on `net`) waiting for an upstream.
+    pub fn tcp_pending(&self, net: NetworkId, client: SocketAddrV4, conn: u64) -> usize {
+        let k = |id| ClientKey {
+            net,
+            client,
+            transport: Transport::Tcp(conn),
+            id,
+        };
+        self.by_client.range(k(0)..=k(u16::MAX)).count()
+    }
+
+    /// Forget the queries pending for TCP connection `conn` (it closed: nobody to answer).
+    pub fn forget_tcp(&mut self, conn: u64) {
+        let gone = |k: &ClientKey| k.transport == Transport::Tcp(conn);
+        self.pending.retain(|_, p| !gone(&p.key));
+        self.by_client.retain(|k, _| !gone(k));
     }
 
     /// Forget what was pending for network `net` (it went away).
