@@ -349,3 +349,47 @@ fn without_a_raw_uplink_external_names_go_through_a_host_socket() {
         .any(|(from, q)| from.ip() == Ipv4Addr::LOCALHOST && q.starts_with(EXTERNAL)));
     assert_eq!(getent(&s1, "s1"), Some(vec!["10.92.0.2".to_string()]));
 }
+
+#[test]
+fn tcp_lookups_and_truncated_answers_retried_over_tcp() {
+    if !root() || !tools() {
+        return;
+    }
+    let mut env = Env::new(&[]);
+    env.ok(&["network", "create", "tcpnet", "--subnet", "10.93.0.0/24"]);
+    let t1 = env.container("t1");
+    let t2 = env.container("t2");
+    env.connect("tcpnet", &t1, &[]);
+    let e2 = env.connect("tcpnet", &t2, &[]);
+    let ip2 = ip_of(&e2).to_string();
+
+    // `options use-vc` in this namespace's resolv.conf (the daemon's file, its first line
+    // kept so the daemon still removes it): the libc resolver asks over TCP only.
+    let path = resolv_of(&t1);
+    let mut r = std::fs::read_to_string(&path).expect("resolv.conf for t1");
+    r.push_str("options use-vc\n");
+    std::fs::write(&path, r).unwrap();
+    assert_eq!(getent(&t1, "t2"), Some(vec![ip2.clone()]));
+    let dns = env.json(&["stats"])["dns"].clone();
+    assert!(dns["tcp_queries"].as_u64().unwrap() >= 1, "{dns}");
+    assert!(dns["tcp"]["accepted"].as_u64().unwrap() >= 1, "{dns}");
+    assert_eq!(dns["truncated"].as_u64(), Some(0), "{dns}");
+
+    // One name on many endpoints (a shared alias): the answer does not fit a 512-byte
+    // datagram, so UDP gets it truncated and the resolver retries over TCP for all of it.
+    const MANY: usize = 40;
+    let mut ips = Vec::new();
+    for i in 0..MANY {
+        let c = env.container(&format!("m{i}"));
+        let e = env.connect("tcpnet", &c, &["--alias", "many"]);
+        ips.push(ip_of(&e).to_string());
+    }
+    let before = env.json(&["stats"])["dns"]["tcp_queries"].as_u64().unwrap();
+    let mut got = getent(&t2, "many").expect("the big name resolves");
+    got.sort();
+    ips.sort();
+    assert_eq!(got, ips);
+    let dns = env.json(&["stats"])["dns"].clone();
+    assert!(dns["truncated"].as_u64().unwrap() >= 1, "{dns}");
+    assert!(dns["tcp_queries"].as_u64().unwrap() > before, "{dns}");
+}
