@@ -303,6 +303,11 @@ fn forward_of(nid: NetworkId, ip: Ipv4Addr, m: &PortMapping) -> PortForward {
 }
 
 /// Is the namespace an endpoint was attached to still there, and still the same one?
+/// The inode of the network namespace mounted at `path`; None while `path` is not one.
+fn nsfs_inode(path: &str) -> Option<u64> {
+    NetNs::open(path).and_then(|ns| ns.inode()).ok()
+}
+
 fn namespace_alive(rec: &EndpointRecord) -> bool {
     let ns = match rec.pid {
         Some(pid) => NetNs::of_pid(pid as u32),
@@ -1296,13 +1301,32 @@ impl Daemon {
     /// Remove endpoints whose namespace went away (container exited, netns unmounted).
     fn reap(&self) {
         let mut st = self.lock();
+        // Docker drives its endpoints' lifecycle (Leave, DeleteEndpoint): at Join its sandbox
+        // path is still an empty file that the namespace is mounted on later. Never reap them
+        // here; learn their namespace once it is there (a restart checks it).
+        let mut learned = false;
+        for n in st.networks.values_mut() {
+            for e in n.endpoints.values_mut() {
+                if e.rec.docker_endpoint.is_some() {
+                    if let Some(ino) = nsfs_inode(&e.rec.netns) {
+                        if ino != e.rec.ns_inode {
+                            e.rec.ns_inode = ino;
+                            learned = true;
+                        }
+                    }
+                }
+            }
+        }
+        if learned {
+            self.persist(&st);
+        }
         let dead: Vec<(String, String)> = st
             .networks
             .values()
             .flat_map(|n| {
                 n.endpoints
                     .values()
-                    .filter(|e| !namespace_alive(&e.rec))
+                    .filter(|e| e.rec.docker_endpoint.is_none() && !namespace_alive(&e.rec))
                     .map(|e| (n.rec.name.clone(), e.rec.name.clone()))
             })
             .collect();

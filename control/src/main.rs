@@ -38,11 +38,6 @@ fn real_main(cli: Cli) -> Result<i32> {
     match cli.cmd {
         Cmd::Daemon(a) => {
             init_logging(&a.log_level)?;
-            if a.docker_plugin {
-                return Err(Error::invalid(
-                    "--docker-plugin is not available in this build yet",
-                ));
-            }
             let uplink = match (&a.uplink, &a.uplink_addr) {
                 (Some(iface), Some(addr)) => {
                     let (ip, len) = addr
