@@ -4,8 +4,10 @@
 //! First byte even: the rest is one datagram to the gateway's port 53 (real queries make good
 //! seeds). Odd: the rest is a sequence of operations: queries, upstream replies (garbage or
 //! well-formed answers to what was forwarded), names added and removed, time passing.
-//! Never a panic; every reply parses, is a response, fits the client's size; the pending
-//! table and the cache stay within their bounds.
+//! Operations also drive the TCP side (`DnsTcp`): arbitrary segments for the gateway's port
+//! 53 (smoltcp and our framing), queries tagged with a connection, timers.
+//! Never a panic; every reply parses, is a response, fits the client's size (a datagram, or
+//! a TCP message); the pending table, the cache and the connections stay within their bounds.
 
 use std::net::{Ipv4Addr, SocketAddrV4};
 
@@ -14,7 +16,9 @@ use hickory_proto::op::{Message, MessageType, OpCode, ResponseCode};
 use hickory_proto::rr::rdata::A;
 use hickory_proto::rr::{RData, Record};
 use libfuzzer_sys::fuzz_target;
-use switchyard_control::dns::{DnsConfig, DnsServer, NetInfo, Output};
+use switchyard_control::dns::{
+    DnsConfig, DnsServer, DnsTcp, NetInfo, Output, TcpConfig, Transport,
+};
 use switchyard_switch::{Instant, NetworkId};
 
 const UP: [SocketAddrV4; 2] = [
@@ -46,6 +50,18 @@ enum Op {
     Tick {
         ms: u16,
     },
+    /// A TCP segment (bare IPv4 packet) for the gateway's port 53.
+    TcpSegment {
+        client: u8,
+        syn: bool,
+        bytes: Vec<u8>,
+    },
+    /// A whole message on TCP connection `conn`.
+    TcpQuery {
+        client: u8,
+        conn: u8,
+        bytes: Vec<u8>,
+    },
     AddName {
         host: u8,
         name: String,
@@ -69,6 +85,7 @@ fn net(third: u8) -> NetInfo {
 
 struct Harness {
     s: DnsServer,
+    tcp: DnsTcp,
     now: Instant,
     last_upstream: Option<(SocketAddrV4, u16, Vec<u8>)>,
 }
@@ -93,6 +110,13 @@ impl Harness {
         );
         Harness {
             s,
+            tcp: DnsTcp::new(TcpConfig {
+                max_conns: 4,
+                max_per_client: 2,
+                max_inflight: 3,
+                max_queued: 8192,
+                ..TcpConfig::default()
+            }),
             now: Instant::from_millis(0),
             last_upstream: None,
         }
@@ -115,6 +139,33 @@ impl Harness {
         self.check(max_udp);
     }
 
+    /// Queries read on TCP connections to the core, its answers back, until quiet.
+    fn pump_tcp(&mut self) {
+        loop {
+            let qs = self.tcp.take_queries();
+            for q in &qs {
+                assert!(q.payload.len() <= 4096);
+                self.s
+                    .handle_query_tcp(self.now, q.net, q.server, q.client, q.conn, &q.payload);
+            }
+            self.check(1472);
+            for q in &qs {
+                let w = self.s.tcp_pending(q.net, q.client, q.conn);
+                self.tcp.settle(self.now, q.conn, w);
+            }
+            for id in self.tcp.take_closed() {
+                self.s.forget_tcp(id);
+            }
+            for (_, p) in self.tcp.take_packets() {
+                assert!(p.len() >= 40 && p[0] >> 4 == 4 && p[9] == 6);
+            }
+            assert!(self.tcp.len() <= self.tcp.config().max_conns);
+            if qs.is_empty() {
+                return;
+            }
+        }
+    }
+
     fn check(&mut self, max_udp: usize) {
         let cfg = self.s.config().clone();
         assert!(self.s.pending_len() <= cfg.max_pending);
@@ -122,6 +173,16 @@ impl Harness {
         let out: Vec<Output> = self.s.drain().collect();
         for o in out {
             match o {
+                Output::Reply {
+                    transport: Transport::Tcp(conn),
+                    payload,
+                    ..
+                } => {
+                    assert!(payload.len() <= 65_535);
+                    let m = Message::from_vec(&payload).expect("replies parse");
+                    assert_eq!(m.metadata.message_type, MessageType::Response);
+                    self.tcp.reply(self.now, conn, &payload);
+                }
                 Output::Reply { payload, .. } => {
                     assert!(payload.len() <= max_udp);
                     let m = Message::from_vec(&payload).expect("replies parse");
@@ -205,6 +266,24 @@ fn ops(data: &[u8]) {
                 h.now += switchyard_switch::Duration::from_millis(u64::from(ms) * 10);
                 h.s.expire(h.now);
                 h.check(1472);
+                h.tcp.expire(h.now);
+                h.pump_tcp();
+            }
+            Op::TcpSegment { client, syn, bytes } => {
+                let c = SocketAddrV4::new(Ipv4Addr::new(10, 1, 0, client % 4), 40_000);
+                let gw = Ipv4Addr::new(10, 1, 0, 1);
+                h.tcp.segment(h.now, NetworkId(1), gw, c, 1500, syn, &bytes);
+                h.pump_tcp();
+            }
+            Op::TcpQuery {
+                client,
+                conn,
+                bytes,
+            } => {
+                let c = SocketAddrV4::new(Ipv4Addr::new(10, 1, 0, client), 40_000);
+                let gw = Ipv4Addr::new(10, 1, 0, 1);
+                h.s.handle_query_tcp(h.now, NetworkId(1), gw, c, u64::from(conn), &bytes);
+                h.pump_tcp();
             }
             Op::AddName { host, name, alias } => {
                 let _ =
