@@ -14,9 +14,11 @@
 //! - [`table`]: names per network (a name on another network is not visible).
 //! - [`server`]: the pure core (time is an argument; fuzzed in `fuzz/fuzz_targets/dns.rs`).
 //! - [`packet`]: UDP/IPv4 framing around it.
+//! - [`tcp`]: DNS over TCP at the same gateways (RFC 7766), one smoltcp socket per
+//!   connection; complete queries go to the same core, answers come back by connection id.
 //!
-//! Only UDP is served: answers that do not fit a datagram go out with TC set (a TCP retry to
-//! the gateway gets a reset).
+//! Answers that do not fit a datagram go out with TC set; the client's TCP retry gets them
+//! whole. (Upstream queries are UDP only: an upstream's truncated answer is passed on.)
 
 #[cfg(test)]
 mod core_tests;
