@@ -473,6 +473,17 @@ fn docker_with_switchyard_driver() {
     let web2 = d.ip("web", "sy");
     d.ok(&["exec", "client", "ping", "-c", "1", "-W", "3", &web2]);
 
+    // A daemon restart keeps the Docker-made network and its endpoints.
+    env.stop_daemon(nix::sys::signal::Signal::SIGTERM);
+    env.start_daemon();
+    assert_eq!(endpoints(&env, "sy").len(), 2, "restored\n{}", env.log());
+    d.ok(&["exec", "client", "ping", "-c", "1", "-W", "3", &web2]);
+    assert_eq!(
+        until(10, || wget_from(&ext.path, url)).as_deref(),
+        Some("192.0.2.1"),
+        "the port after a restart"
+    );
+
     // Removal leaves nothing behind.
     d.ok(&["rm", "-f", "web", "client"]);
     assert!(endpoints(&env, "sy").is_empty());
