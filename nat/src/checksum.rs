@@ -8,14 +8,14 @@ use smoltcp::wire::{checksum, IpProtocol};
 
 /// RFC 1624 eqn. 3: `HC' = ~(~HC + ~m + m')` for one 16-bit word `m` changed to `m'`.
 /// UDP needs the zero special case on top: see [`update_udp16`].
-#[inline]
+#[inline(always)]
 pub fn update16(csum: u16, old: u16, new: u16) -> u16 {
     let sum = u32::from(!csum) + u32::from(!old) + u32::from(new);
     !fold(sum)
 }
 
 /// As [`update16`] for a 32-bit field (an IPv4 address): two words at once.
-#[inline]
+#[inline(always)]
 pub fn update32(csum: u16, old: u32, new: u32) -> u16 {
     let sum = u32::from(!csum)
         + u32::from(!(old >> 16) as u16)
@@ -26,7 +26,7 @@ pub fn update32(csum: u16, old: u32, new: u32) -> u16 {
 }
 
 /// UDP flavour: a zero checksum means "none" and stays zero; a computed zero is sent as 0xffff.
-#[inline]
+#[inline(always)]
 pub fn update_udp16(csum: u16, old: u16, new: u16) -> u16 {
     if csum == 0 {
         return 0;
@@ -35,7 +35,7 @@ pub fn update_udp16(csum: u16, old: u16, new: u16) -> u16 {
 }
 
 /// UDP flavour of [`update32`].
-#[inline]
+#[inline(always)]
 pub fn update_udp32(csum: u16, old: u32, new: u32) -> u16 {
     if csum == 0 {
         return 0;
@@ -43,7 +43,7 @@ pub fn update_udp32(csum: u16, old: u32, new: u32) -> u16 {
     nonzero(update32(csum, old, new))
 }
 
-#[inline]
+#[inline(always)]
 fn nonzero(c: u16) -> u16 {
     if c == 0 {
         0xffff
@@ -52,7 +52,7 @@ fn nonzero(c: u16) -> u16 {
     }
 }
 
-#[inline]
+#[inline(always)]
 fn fold(mut sum: u32) -> u16 {
     sum = (sum & 0xffff) + (sum >> 16);
     sum = (sum & 0xffff) + (sum >> 16);

@@ -359,7 +359,7 @@ const MIN_SLOTS: usize = 1024;
 /// Keys [`Table::warm`] takes at once.
 pub(crate) const WARM_MAX: usize = 16;
 
-#[inline]
+#[inline(always)]
 fn folded_mul(a: u64, b: u64) -> u64 {
     let p = u128::from(a).wrapping_mul(u128::from(b));
     (p as u64) ^ ((p >> 64) as u64)
@@ -436,7 +436,7 @@ impl<A: IpAddress> Table<A> {
             + max.next_power_of_two() * 4
     }
 
-    #[inline]
+    #[inline(always)]
     fn hash(&self, zone: Zone, t: &Tuple<A>) -> u64 {
         let a = A::fold_pair(&t.src, &t.dst);
         let b = (u64::from(t.sport) << 48)
@@ -449,18 +449,18 @@ impl<A: IpAddress> Table<A> {
         )
     }
 
-    #[inline]
+    #[inline(always)]
     fn timeout_of(&self, s: State) -> i64 {
         self.timeout_us[s as usize]
     }
 
-    #[inline]
+    #[inline(always)]
     fn is_live(&self, c: &Conn<A>, now: i64) -> bool {
         now < c.last_seen.saturating_add(self.timeout_of(c.state))
     }
 
     /// The slot index and direction holding this tuple, live or not.
-    #[inline]
+    #[inline(always)]
     fn find(&self, zone: Zone, t: &Tuple<A>) -> Option<(u32, Dir)> {
         let h = self.hash(zone, t);
         let mask = self.slots.len() - 1;
@@ -502,7 +502,7 @@ impl<A: IpAddress> Table<A> {
 
     /// [`Self::lookup`] without side effects, for the fast path: `None` for a missing *or
     /// expired* entry (the caller then takes the full path, whose `lookup` collects it).
-    #[inline]
+    #[inline(always)]
     pub(crate) fn lookup_live(&self, zone: Zone, t: &Tuple<A>, now_us: i64) -> Option<(u32, Dir)> {
         let (idx, dir) = self.find(zone, t)?;
         let c = &self.conns[idx as usize];
@@ -537,7 +537,7 @@ impl<A: IpAddress> Table<A> {
 
     /// What a live-indexed slot translates packets of `dir` to: the target tuple, the egress
     /// zone, the kind and the handle (the fast path's `get` + `target`).
-    #[inline]
+    #[inline(always)]
     pub(crate) fn translation(&self, idx: u32, dir: Dir) -> (Tuple<A>, Zone, Kind, ConnRef) {
         let c = &self.conns[idx as usize];
         let o = dir.other().idx();
