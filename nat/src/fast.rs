@@ -98,8 +98,9 @@ struct Pkt {
 }
 
 /// Parse and validate an Ethernet/IPv4 (no options, not a fragment)/TCP-or-UDP frame with the
-/// same acceptance as `parse_rx` + `parse_l4` with checksum verification; `None` otherwise (the
-/// full path then decides, possibly accepting what this refuses, never the reverse).
+/// same acceptance as `parse_rx` + `parse_l4`, checksums aside ([`checksums_ok`]); `None`
+/// otherwise (the full path then decides, possibly accepting what this refuses, never the
+/// reverse).
 #[inline(always)]
 fn parse(frame: &[u8]) -> Option<Pkt> {
     // Everything up to the UDP header's end through one fixed-size array: no bounds checks.
@@ -111,10 +112,6 @@ fn parse(frame: &[u8]) -> Option<Pkt> {
     }
     let total = usize::from(rd16(h, 16));
     if total < IP_HDR + 8 || ETH_LEN + total > frame.len() {
-        return None;
-    }
-    let w = |i: usize| u64::from(rd32(h, ETH_LEN + i));
-    if !verifies(w(0) + w(4) + w(8) + w(12) + w(16)) {
         return None;
     }
     let (src, dst) = (rd32(h, 26), rd32(h, 30));
@@ -145,13 +142,6 @@ fn parse(frame: &[u8]) -> Option<Pkt> {
         }
         _ => return None,
     };
-    // Zero UDP checksum: none to verify.
-    if tcp || rd16(h, 40) != 0 {
-        let pseudo = u64::from(src) + u64::from(dst) + u64::from(proto) + l4len as u64;
-        if !verifies(pseudo + sum(l4)) {
-            return None;
-        }
-    }
     Some(Pkt {
         len: ETH_LEN + total,
         src,
@@ -162,6 +152,26 @@ fn parse(frame: &[u8]) -> Option<Pkt> {
         dport: rd16(h, 36),
         flags: if tcp { l4[13] } else { 0 },
     })
+}
+
+/// The checksum checks of the full path (IPv4 header; TCP, or UDP unless its checksum is 0,
+/// under the pseudo-header) for a frame [`parse`] accepted. Run after the conntrack lookup
+/// hit, so a new flow (which takes the full path anyway) does not pay for them twice.
+#[inline(always)]
+fn checksums_ok(frame: &[u8], p: &Pkt) -> bool {
+    let ip = &frame[ETH_LEN..p.len];
+    let w = |i: usize| u64::from(rd32(ip, i));
+    if !verifies(w(0) + w(4) + w(8) + w(12) + w(16)) {
+        return false;
+    }
+    let l4 = &ip[IP_HDR..];
+    // Zero UDP checksum: none to verify.
+    if !p.tcp && rd16(l4, 6) == 0 {
+        return true;
+    }
+    let proto = if p.tcp { PROTO_TCP } else { PROTO_UDP };
+    let pseudo = u64::from(p.src) + u64::from(p.dst) + u64::from(proto) + l4.len() as u64;
+    verifies(pseudo + sum(l4))
 }
 
 /// The conntrack key a TCP/UDP frame would have, read without any validation (for
@@ -292,6 +302,9 @@ impl Router {
             proto: if p.tcp { L4::Tcp } else { L4::Udp },
         };
         let (idx, dir) = self.table.lookup_live(zone, &key, now.total_micros())?;
+        if !checksums_ok(frame, p) {
+            return None;
+        }
         let (to, ezone, kind, r) = self.table.translation(idx, dir);
         // Router::resolve, without its error branches (they send ICMP: full path).
         let (egress, src_mac, dst_mac, mtu) = if ezone == UPLINK_ZONE {
