@@ -1372,7 +1372,14 @@ impl Daemon {
                 tracing::error!(network = %n.name, "restoring network: {e}");
                 continue;
             }
-            for e in n.endpoints {
+            for mut e in n.endpoints {
+                if e.docker_endpoint.is_some() {
+                    // Docker mounts the sandbox after Join: a restart soon after may find the
+                    // namespace there before the reaper recorded it.
+                    if let Some(ino) = nsfs_inode(&e.netns) {
+                        e.ns_inode = ino;
+                    }
+                }
                 if !namespace_alive(&e) {
                     tracing::info!(network = %n.name, endpoint = %e.name, "not restored: its namespace is gone");
                     if let Some(h) = &e.host_ifname {
