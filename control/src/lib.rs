@@ -16,6 +16,7 @@ pub mod pipeline;
 pub mod plumbing;
 pub mod probe;
 pub mod proto;
+mod queue_dev;
 pub mod replay;
 pub mod run;
 pub mod spec;

@@ -24,12 +24,12 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 
 use serde::Serialize;
 use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
-use smoltcp::phy::{Checksum, Device, DeviceCapabilities, Medium, RxToken, TxToken};
 use smoltcp::socket::tcp::{self, State};
 use smoltcp::wire::{HardwareAddress, IpAddress, IpCidr, IpListenEndpoint};
 use switchyard_switch::{Duration, Instant, NetworkId};
 
 use super::server::MAX_QUERY;
+use crate::queue_dev::QueueDev as Dev;
 
 /// Limits and timers.
 #[derive(Clone, Debug)]
@@ -139,60 +139,6 @@ impl std::fmt::Debug for DnsTcp {
             .field("conns", &self.conns.len())
             .field("counters", &self.counters)
             .finish()
-    }
-}
-
-/// The queue device a connection is polled through.
-struct Dev<'a> {
-    rx: &'a mut VecDeque<Vec<u8>>,
-    tx: &'a mut Vec<Vec<u8>>,
-    mtu: usize,
-}
-
-struct Rx(Vec<u8>);
-struct Tx<'a>(&'a mut Vec<Vec<u8>>);
-
-impl RxToken for Rx {
-    fn consume<R, F: FnOnce(&[u8]) -> R>(self, f: F) -> R {
-        f(&self.0)
-    }
-}
-
-impl TxToken for Tx<'_> {
-    fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
-        let mut v = vec![0u8; len];
-        let r = f(&mut v);
-        self.0.push(v);
-        r
-    }
-}
-
-impl Device for Dev<'_> {
-    type RxToken<'b>
-        = Rx
-    where
-        Self: 'b;
-    type TxToken<'b>
-        = Tx<'b>
-    where
-        Self: 'b;
-    fn receive(&mut self, _: Instant) -> Option<(Rx, Tx<'_>)> {
-        let p = self.rx.pop_front()?;
-        Some((Rx(p), Tx(self.tx)))
-    }
-    fn transmit(&mut self, _: Instant) -> Option<Tx<'_>> {
-        Some(Tx(self.tx))
-    }
-    fn capabilities(&self) -> DeviceCapabilities {
-        let mut c = DeviceCapabilities::default();
-        c.medium = Medium::Ip;
-        c.max_transmission_unit = self.mtu;
-        // The pipeline verified the checksums on the way in; we only compute ours.
-        c.checksum.ipv4 = Checksum::Tx;
-        c.checksum.tcp = Checksum::Tx;
-        c.checksum.udp = Checksum::Tx;
-        c.checksum.icmpv4 = Checksum::Tx;
-        c
     }
 }
 

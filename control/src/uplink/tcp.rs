@@ -18,69 +18,13 @@ use std::io::{self, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr};
 
 use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
-use smoltcp::phy::{Checksum, Device, DeviceCapabilities, Medium, RxToken, TxToken};
 use smoltcp::socket::tcp::{self, State};
 use smoltcp::time::{Duration as SDuration, Instant as SInstant};
 use smoltcp::wire::{HardwareAddress, IpAddress, IpCidr, IpEndpoint, IpListenEndpoint};
 
+use crate::queue_dev::QueueDev as Dev;
+
 /// The queue device a flow is polled through: packets in from `rx`, out to `tx`.
-pub(super) struct Dev<'a> {
-    pub rx: &'a mut VecDeque<Vec<u8>>,
-    pub tx: &'a mut Vec<Vec<u8>>,
-    pub mtu: usize,
-}
-
-pub(super) struct Rx(Vec<u8>);
-pub(super) struct Tx<'a>(&'a mut Vec<Vec<u8>>);
-
-impl RxToken for Rx {
-    fn consume<R, F: FnOnce(&[u8]) -> R>(self, f: F) -> R {
-        f(&self.0)
-    }
-}
-
-impl TxToken for Tx<'_> {
-    fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
-        let mut v = vec![0u8; len];
-        let r = f(&mut v);
-        self.0.push(v);
-        r
-    }
-}
-
-fn caps(mtu: usize) -> DeviceCapabilities {
-    let mut c = DeviceCapabilities::default();
-    c.medium = Medium::Ip;
-    c.max_transmission_unit = mtu;
-    // The router verified every checksum on the way in; we only compute ours.
-    c.checksum.ipv4 = Checksum::Tx;
-    c.checksum.tcp = Checksum::Tx;
-    c.checksum.udp = Checksum::Tx;
-    c.checksum.icmpv4 = Checksum::Tx;
-    c
-}
-
-impl Device for Dev<'_> {
-    type RxToken<'b>
-        = Rx
-    where
-        Self: 'b;
-    type TxToken<'b>
-        = Tx<'b>
-    where
-        Self: 'b;
-    fn receive(&mut self, _: SInstant) -> Option<(Rx, Tx<'_>)> {
-        let p = self.rx.pop_front()?;
-        Some((Rx(p), Tx(self.tx)))
-    }
-    fn transmit(&mut self, _: SInstant) -> Option<Tx<'_>> {
-        Some(Tx(self.tx))
-    }
-    fn capabilities(&self) -> DeviceCapabilities {
-        caps(self.mtu)
-    }
-}
-
 /// The smoltcp interfaces (one per MTU) and an empty socket set for answering strays.
 pub(super) struct Stack {
     ifaces: HashMap<usize, Interface>,
