@@ -26,15 +26,24 @@ pub struct Datagram {
     pub payload: Range<usize>,
 }
 
-/// The UDP datagram in `frame` if it is one addressed to `dst_mac` and `dst_ip`, whole (not a
-/// fragment) and with good checksums. `Ok(None)`: not UDP for that address at all (someone
-/// else's business); `Err`: UDP for it, but broken.
-pub fn udp_to(
+/// The IPv4 part of a frame for the gateway: who sent it, and where its L4 bytes are.
+struct V4 {
+    src_mac: MacAddr,
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    header_len: usize,
+    /// The L4 header and payload within the frame (no Ethernet padding).
+    l4: Range<usize>,
+}
+
+/// The IPv4 packet of protocol `proto` in `frame` if it is addressed to `dst_mac` and `dst_ip`
+/// and whole (not a fragment: those are the router's business), with a good header checksum.
+fn ipv4_to(
     frame: &[u8],
     dst_mac: MacAddr,
     dst_ip: Ipv4Addr,
-    partial_csum: bool,
-) -> Result<Option<Datagram>, DropReason> {
+    proto: IpProtocol,
+) -> Result<Option<V4>, DropReason> {
     let Ok(eth) = EthernetFrame::new_checked(frame) else {
         return Ok(None);
     };
@@ -44,30 +53,48 @@ pub fn udp_to(
     let Ok(ip) = Ipv4Packet::new_checked(&frame[ETH..]) else {
         return Ok(None);
     };
-    if ip.version() != 4 || ip.dst_addr() != dst_ip || ip.next_header() != IpProtocol::Udp {
+    if ip.version() != 4 || ip.dst_addr() != dst_ip || ip.next_header() != proto {
         return Ok(None);
     }
     if ip.more_frags() || ip.frag_offset() != 0 {
-        // Fragmented DNS is not for a gateway server: let the router deal with it.
         return Ok(None);
     }
     if !ip.verify_checksum() {
         return Err(DropReason::BadChecksum);
     }
     let hl = usize::from(ip.header_len());
-    let total = usize::from(ip.total_len());
-    let l4 = &frame[ETH + hl..ETH + total];
+    Ok(Some(V4 {
+        src_mac: MacAddr(eth.src_addr().0),
+        src: ip.src_addr(),
+        dst: ip.dst_addr(),
+        header_len: hl,
+        l4: ETH + hl..ETH + usize::from(ip.total_len()),
+    }))
+}
+
+/// The UDP datagram in `frame` if it is one addressed to `dst_mac` and `dst_ip`, whole (not a
+/// fragment) and with good checksums. `Ok(None)`: not UDP for that address at all (someone
+/// else's business); `Err`: UDP for it, but broken.
+pub fn udp_to(
+    frame: &[u8],
+    dst_mac: MacAddr,
+    dst_ip: Ipv4Addr,
+    partial_csum: bool,
+) -> Result<Option<Datagram>, DropReason> {
+    let Some(v4) = ipv4_to(frame, dst_mac, dst_ip, IpProtocol::Udp)? else {
+        return Ok(None);
+    };
+    let (hl, l4, src, dst) = (v4.header_len, &frame[v4.l4.clone()], v4.src, v4.dst);
     let Ok(udp) = UdpPacket::new_checked(l4) else {
         return Err(DropReason::Malformed);
     };
-    let (src, dst) = (ip.src_addr(), ip.dst_addr());
     if !partial_csum && !udp.verify_checksum(&IpAddress::Ipv4(src), &IpAddress::Ipv4(dst)) {
         return Err(DropReason::BadChecksum);
     }
     let start = ETH + hl + UDP;
     let end = ETH + hl + usize::from(udp.len());
     Ok(Some(Datagram {
-        src_mac: MacAddr(eth.src_addr().0),
+        src_mac: v4.src_mac,
         src: SocketAddrV4::new(src, udp.src_port()),
         dst: SocketAddrV4::new(dst, udp.dst_port()),
         payload: start..end,
@@ -95,40 +122,22 @@ pub fn tcp_to(
     dst_ip: Ipv4Addr,
     partial_csum: bool,
 ) -> Result<Option<Segment>, DropReason> {
-    let Ok(eth) = EthernetFrame::new_checked(frame) else {
+    let Some(v4) = ipv4_to(frame, dst_mac, dst_ip, IpProtocol::Tcp)? else {
         return Ok(None);
     };
-    if eth.ethertype() != EthernetProtocol::Ipv4 || eth.dst_addr() != EthernetAddress(dst_mac.0) {
-        return Ok(None);
-    }
-    let Ok(ip) = Ipv4Packet::new_checked(&frame[ETH..]) else {
-        return Ok(None);
-    };
-    if ip.version() != 4 || ip.dst_addr() != dst_ip || ip.next_header() != IpProtocol::Tcp {
-        return Ok(None);
-    }
-    if ip.more_frags() || ip.frag_offset() != 0 {
-        return Ok(None);
-    }
-    if !ip.verify_checksum() {
-        return Err(DropReason::BadChecksum);
-    }
-    let hl = usize::from(ip.header_len());
-    let total = usize::from(ip.total_len());
-    let l4 = &frame[ETH + hl..ETH + total];
+    let (l4, src, dst) = (&frame[v4.l4.clone()], v4.src, v4.dst);
     let Ok(tcp) = TcpPacket::new_checked(l4) else {
         return Err(DropReason::Malformed);
     };
-    let (src, dst) = (ip.src_addr(), ip.dst_addr());
     if !partial_csum && !tcp.verify_checksum(&IpAddress::Ipv4(src), &IpAddress::Ipv4(dst)) {
         return Err(DropReason::BadChecksum);
     }
     Ok(Some(Segment {
-        src_mac: MacAddr(eth.src_addr().0),
+        src_mac: v4.src_mac,
         src: SocketAddrV4::new(src, tcp.src_port()),
         dst: SocketAddrV4::new(dst, tcp.dst_port()),
         syn: tcp.syn() && !tcp.ack() && !tcp.rst(),
-        packet: ETH..ETH + total,
+        packet: ETH..v4.l4.end,
     }))
 }
 
