@@ -13,7 +13,6 @@ use crate::conntrack::{Kind, Tuple, L4, UPLINK_ZONE};
 use crate::emit::Emits;
 use crate::packet::L4Info;
 use crate::router::{Router, Rx};
-use crate::snat::initial_state;
 
 pub(crate) fn l4_of(p: Proto) -> L4 {
     match p {
@@ -92,20 +91,10 @@ impl Router {
         if n.internal {
             return Verdict::Dropped(DropReason::NoRoute);
         }
-        let state = match initial_state(l4) {
+        let state = match self.open_flow(rx, l4, out) {
             Ok(s) => s,
-            Err(r) => return Verdict::Dropped(r),
+            Err(v) => return v,
         };
-        if rx.ip.ttl <= 1 {
-            return self.icmp_error_back(
-                rx,
-                Some(l4),
-                crate::icmp::TIME_EXCEEDED_TTL,
-                0,
-                DropReason::TtlExceeded,
-                out,
-            );
-        }
         // The container replies to the client itself: its address and port are kept.
         let reply = Tuple {
             src: f.container_ip,
@@ -133,20 +122,10 @@ impl Router {
         if f.network != n.id {
             return Verdict::Dropped(DropReason::InterNetwork);
         }
-        let state = match initial_state(l4) {
+        let state = match self.open_flow(rx, l4, out) {
             Ok(s) => s,
-            Err(r) => return Verdict::Dropped(r),
+            Err(v) => return v,
         };
-        if rx.ip.ttl <= 1 {
-            return self.icmp_error_back(
-                rx,
-                Some(l4),
-                crate::icmp::TIME_EXCEEDED_TTL,
-                0,
-                DropReason::TtlExceeded,
-                out,
-            );
-        }
         // Target container -> gateway address, to the port we pick.
         let template = Tuple {
             src: f.container_ip,

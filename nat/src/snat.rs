@@ -29,6 +29,28 @@ pub(crate) fn initial_state(l4: &L4Info) -> Result<State, DropReason> {
 }
 
 impl Router {
+    /// The state a new flow starts in, or the verdict instead: dropped when this packet may
+    /// not open a flow, a time-exceeded error back when its TTL runs out here.
+    pub(crate) fn open_flow(
+        &mut self,
+        rx: &Rx,
+        l4: &L4Info,
+        out: &mut Emits,
+    ) -> Result<State, Verdict> {
+        let state = initial_state(l4).map_err(Verdict::Dropped)?;
+        if rx.ip.ttl <= 1 {
+            return Err(self.icmp_error_back(
+                rx,
+                Some(l4),
+                crate::icmp::TIME_EXCEEDED_TTL,
+                0,
+                DropReason::TtlExceeded,
+                out,
+            ));
+        }
+        Ok(state)
+    }
+
     /// Container to outside, first packet of a flow.
     pub(crate) fn masquerade(
         &mut self,
@@ -41,20 +63,10 @@ impl Router {
         let Some(up) = self.uplink else {
             return Verdict::Dropped(DropReason::NoRoute);
         };
-        let state = match initial_state(l4) {
+        let state = match self.open_flow(rx, l4, out) {
             Ok(s) => s,
-            Err(r) => return Verdict::Dropped(r),
+            Err(v) => return v,
         };
-        if rx.ip.ttl <= 1 {
-            return self.icmp_error_back(
-                rx,
-                Some(l4),
-                crate::icmp::TIME_EXCEEDED_TTL,
-                0,
-                DropReason::TtlExceeded,
-                out,
-            );
-        }
         // Replies: remote -> uplink address, to the port we pick.
         let template = Tuple {
             src: key.dst,
