@@ -168,6 +168,10 @@ pub enum NetworkCmd {
         internal: bool,
         #[arg(long)]
         mtu: Option<u32>,
+        /// A search domain for the network's containers (repeatable): their resolv.conf names
+        /// it, and NAME.DOMAIN resolves like NAME.
+        #[arg(long = "dns-search", value_name = "DOMAIN")]
+        dns_search: Vec<String>,
     },
     /// List networks.
     #[command(alias = "list")]
@@ -303,6 +307,7 @@ pub fn network(socket: &Option<PathBuf>, cmd: NetworkCmd) -> Result<i32> {
             gateway,
             internal,
             mtu,
+            dns_search,
         } => {
             let subnet: Option<Ipv4Net> = subnet.map(|s| s.parse()).transpose()?;
             let info: NetworkInfo = c.call(
@@ -313,6 +318,7 @@ pub fn network(socket: &Option<PathBuf>, cmd: NetworkCmd) -> Result<i32> {
                     gateway,
                     internal,
                     mtu,
+                    dns_search,
                 },
             )?;
             println!("{}", info.id);
@@ -366,6 +372,17 @@ pub fn network(socket: &Option<PathBuf>, cmd: NetworkCmd) -> Result<i32> {
             println!("Gateway:   {} ({})", n.gateway, n.gateway_mac);
             println!("Internal:  {}", n.internal);
             println!("MTU:       {}", n.mtu);
+            println!(
+                "DNS:       {}",
+                if n.dns {
+                    "embedded, at the gateway"
+                } else {
+                    "none"
+                }
+            );
+            if !n.dns_search.is_empty() {
+                println!("Search:    {}", n.dns_search.join(" "));
+            }
             println!("Endpoints:");
             let rows: Vec<Vec<String>> = n.endpoints.iter().map(endpoint_row).collect();
             for l in table(

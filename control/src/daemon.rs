@@ -125,6 +125,7 @@ impl Network {
             internal: self.rec.internal,
             mtu: self.rec.mtu,
             dns: self.dns,
+            dns_search: self.rec.dns_search.clone(),
             created: self.rec.created,
             endpoints: self
                 .endpoints
@@ -268,6 +269,26 @@ fn valid_name(kind: &str, name: &str) -> Result<()> {
             "invalid {kind} name {name:?}: use 1-64 letters, digits, '_', '.', '-', starting with a letter or digit"
         )))
     }
+}
+
+/// Search domains as resolv.conf takes them (glibc reads 6 at most): DNS names, normalised,
+/// each once.
+fn valid_search(domains: &[String]) -> Result<Vec<String>> {
+    let mut out: Vec<String> = Vec::new();
+    for d in domains {
+        let n = crate::dns::normalize(d).ok_or_else(|| {
+            Error::invalid(format!(
+                "invalid search domain {d:?}: use a DNS name (letters, digits, '-', '_', dots between labels)"
+            ))
+        })?;
+        if !out.contains(&n) {
+            out.push(n);
+        }
+    }
+    if out.len() > 6 {
+        return Err(Error::invalid("at most 6 search domains"));
+    }
+    Ok(out)
 }
 
 fn valid_ifname(name: &str) -> Result<()> {
@@ -448,6 +469,7 @@ impl Daemon {
                 .ok_or_else(|| Error::invalid("subnet too small"))?,
         };
         let pool = Pool::new(subnet, gateway)?;
+        let dns_search = valid_search(&p.dns_search)?;
         let mtu = p.mtu.unwrap_or(1500);
         if !(68..=65520).contains(&mtu) {
             return Err(Error::invalid(format!("invalid MTU {mtu} (68-65520)")));
@@ -463,6 +485,7 @@ impl Daemon {
             gateway_mac,
             internal: p.internal,
             mtu,
+            dns_search: dns_search.clone(),
             created: created.unwrap_or_else(now_secs),
             endpoints: Vec::new(),
         };
@@ -480,7 +503,7 @@ impl Daemon {
             prefix_len: subnet.prefix_len(),
             gateway,
             internal: p.internal,
-            domain: None,
+            search: dns_search,
             mtu: mtu as usize,
         });
         let has_dns = dns.is_some();
@@ -679,12 +702,13 @@ impl Daemon {
                 plumbing::first_free_ifname(&ns, "eth").map_err(|e| Error::system(e.to_string()))?
             }
         };
-        let (nid, gateway, prefix, mtu, net_id) = (
+        let (nid, gateway, prefix, mtu, net_id, search) = (
             net.nid,
             net.rec.gateway,
             net.rec.subnet.prefix_len(),
             net.rec.mtu,
             net.rec.id.clone(),
+            net.rec.dns_search.clone(),
         );
         let net = st.net_mut(&p.network)?;
         let ip = match p.ip {
@@ -772,7 +796,7 @@ impl Daemon {
             docker_endpoint: None,
             aliases: p.aliases.clone(),
         };
-        self.dns_names(nid, ip, &rec, gateway);
+        self.dns_names(nid, ip, &rec, gateway, &search);
         let net = st.net_mut(&p.network)?;
         net.endpoints.insert(name.clone(), Endpoint { rec, port });
         let info = net.endpoint_info(&net.endpoints[&name]);
@@ -782,7 +806,14 @@ impl Daemon {
 
     /// The endpoint's name and aliases into its network's DNS (when the network has DNS), and
     /// `/etc/netns/NAME/resolv.conf` for a namespace at `/run/netns/NAME`.
-    fn dns_names(&self, nid: NetworkId, ip: Ipv4Addr, rec: &EndpointRecord, gateway: Ipv4Addr) {
+    fn dns_names(
+        &self,
+        nid: NetworkId,
+        ip: Ipv4Addr,
+        rec: &EndpointRecord,
+        gateway: Ipv4Addr,
+        search: &[String],
+    ) {
         let mut names = vec![rec.name.clone()];
         names.extend(rec.aliases.iter().cloned());
         let served = self.dp(move |dp| {
@@ -793,7 +824,7 @@ impl Daemon {
         });
         match served {
             Ok(Ok(true)) => {
-                crate::dns::write_netns_resolv(&rec.netns, gateway, None);
+                crate::dns::write_netns_resolv(&rec.netns, gateway, search);
             }
             Ok(Ok(false)) => {}
             Ok(Err(e)) => tracing::warn!(endpoint = %rec.name, "DNS names not added: {e}"),
@@ -1367,6 +1398,7 @@ impl Daemon {
                 gateway: Some(n.gateway),
                 internal: n.internal,
                 mtu: Some(n.mtu),
+                dns_search: n.dns_search.clone(),
             };
             if let Err(e) = self.create_network(st, create, Some(n.id.clone()), Some(n.created)) {
                 tracing::error!(network = %n.name, "restoring network: {e}");
@@ -1681,6 +1713,7 @@ pub fn run(cfg: DaemonConfig) -> Result<()> {
                 gateway: Some(Ipv4Addr::new(172, 17, 0, 1)),
                 internal: false,
                 mtu: None,
+                dns_search: Vec::new(),
             };
             if let Err(e) = d.create_network(&mut st, p, None, None) {
                 tracing::warn!("default network {DEFAULT_NETWORK:?} not created: {e}");

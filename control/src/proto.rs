@@ -69,6 +69,10 @@ pub struct NetworkCreate {
     pub internal: bool,
     #[serde(default)]
     pub mtu: Option<u32>,
+    /// Search domains for the network's containers' resolv.conf; `NAME.DOMAIN` resolves like
+    /// `NAME` at the embedded DNS server.
+    #[serde(default)]
+    pub dns_search: Vec<String>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -176,6 +180,9 @@ pub struct NetworkInfo {
     /// daemon runs with `--bridge-dns`).
     #[serde(default)]
     pub dns: bool,
+    /// Search domains (`network create --dns-search`).
+    #[serde(default)]
+    pub dns_search: Vec<String>,
     /// Seconds since the Unix epoch.
     pub created: u64,
     pub endpoints: Vec<EndpointInfo>,

@@ -123,7 +123,7 @@ pub fn run(socket: PathBuf, a: RunArgs) -> Result<i32> {
         client.call::<proto::NetworkInfo>("network.inspect", json!({ "name": a.network }))
     {
         if n.dns {
-            let text = crate::dns::container_resolv_conf(n.gateway, None);
+            let text = crate::dns::container_resolv_conf(n.gateway, &n.dns_search);
             let w = std::fs::OpenOptions::new()
                 .write(true)
                 .create_new(true)

@@ -49,6 +49,9 @@ pub struct NetworkRecord {
     pub gateway_mac: MacAddr,
     pub internal: bool,
     pub mtu: u32,
+    /// Search domains of the network's containers (`network create --dns-search`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dns_search: Vec<String>,
     pub created: u64,
     pub endpoints: Vec<EndpointRecord>,
 }
@@ -159,6 +162,7 @@ mod tests {
                 gateway_mac: "02:00:00:00:00:01".parse().unwrap(),
                 internal: false,
                 mtu: 1500,
+                dns_search: vec!["corp.test".into()],
                 created: 1,
                 endpoints: vec![EndpointRecord {
                     name: "c1".into(),

@@ -133,6 +133,41 @@ fn getent(c: &Container, name: &str) -> Option<Vec<String>> {
     )
 }
 
+/// A DNS query for `name`'s A record (recursion desired).
+fn query(id: u16, name: &str) -> Vec<u8> {
+    let mut m = Message::new(id, hickory_proto::op::MessageType::Query, OpCode::Query);
+    m.metadata.recursion_desired = true;
+    m.add_query(hickory_proto::op::Query::query(
+        Name::from_ascii(name).unwrap(),
+        RecordType::A,
+    ));
+    m.to_vec().unwrap()
+}
+
+/// Send `payload` over UDP from inside `c` to `server` and wait up to 2 s for a reply.
+fn ask_udp(c: &Container, server: &str, payload: &[u8]) -> Option<Message> {
+    let (server, payload) = (server.to_string(), payload.to_vec());
+    run_in(&c.ns, move || {
+        let s = UdpSocket::bind("0.0.0.0:0").unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        s.send_to(&payload, &server).unwrap();
+        let mut buf = [0u8; 65_535];
+        let n = s.recv(&mut buf).ok()?;
+        Message::from_vec(&buf[..n]).ok()
+    })
+    .unwrap()
+}
+
+fn a_of(m: &Message) -> Vec<Ipv4Addr> {
+    m.answers
+        .iter()
+        .filter_map(|r| match &r.data {
+            RData::A(a) => Some(a.0),
+            _ => None,
+        })
+        .collect()
+}
+
 fn resolv_of(c: &Container) -> std::path::PathBuf {
     Path::new("/etc/netns").join(&c.name).join("resolv.conf")
 }
@@ -281,10 +316,35 @@ fn aliases_survive_a_restart_and_run_gets_a_resolv_conf() {
         return;
     }
     let mut env = Env::new(&[]);
-    env.ok(&["network", "create", "webnet", "--subnet", "10.91.0.0/24"]);
+    // A search domain is a DNS name: anything else is refused.
+    let err = env.err(&["network", "create", "badnet", "--dns-search", "bad domain"]);
+    assert!(err.contains("search domain"), "{err}");
+    env.ok(&[
+        "network",
+        "create",
+        "webnet",
+        "--subnet",
+        "10.91.0.0/24",
+        "--dns-search",
+        "Corp.Test",
+        "--dns-search",
+        "lab.test",
+    ]);
     let w1 = env.container("w1");
     let e = env.connect("webnet", &w1, &["--alias", "web"]);
     let ip = ip_of(&e).to_string();
+    let info = env.json(&["network", "inspect", "webnet"]);
+    assert_eq!(
+        info["dns_search"],
+        serde_json::json!(["corp.test", "lab.test"])
+    );
+    let text = env.ok(&["network", "inspect", "webnet"]);
+    assert!(text.contains("Search:    corp.test lab.test"), "{text}");
+    // The namespace's resolv.conf searches the domains, and qualified names resolve.
+    let r = std::fs::read_to_string(resolv_of(&w1)).expect("resolv.conf for w1");
+    assert!(r.contains("search corp.test lab.test\n"), "{r}");
+    assert_eq!(getent(&w1, "web.corp.test"), Some(vec![ip.clone()]));
+    assert_eq!(getent(&w1, "W1.LAB.test"), Some(vec![ip.clone()]));
     // An invalid alias is refused before anything is made.
     let w2 = env.container("w2");
     let err = env.err(&[
@@ -301,6 +361,10 @@ fn aliases_survive_a_restart_and_run_gets_a_resolv_conf() {
     env.start_daemon();
     let info = env.json(&["network", "inspect", "webnet"]);
     assert_eq!(info["endpoints"][0]["aliases"], serde_json::json!(["web"]));
+    assert_eq!(
+        info["dns_search"],
+        serde_json::json!(["corp.test", "lab.test"])
+    );
 
     // `switchyard run` on the network: the command resolves through the gateway.
     let o = Command::new("timeout")
@@ -319,6 +383,52 @@ fn aliases_survive_a_restart_and_run_gets_a_resolv_conf() {
         String::from_utf8_lossy(&o.stdout).split_whitespace().next(),
         Some(ip.as_str())
     );
+    // Its resolv.conf: the gateway and the search line; a qualified name resolves there too.
+    let o = Command::new("timeout")
+        .args(["30", BIN, "--socket"])
+        .arg(&env.socket)
+        .args(["run", "--network", "webnet", "--", "sh", "-c"])
+        .arg("cat /etc/resolv.conf && getent hosts web.lab.test")
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success(),
+        "run: {out}\n{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(out.contains("nameserver 10.91.0.1\n"), "{out}");
+    assert!(out.contains("search corp.test lab.test\n"), "{out}");
+    assert!(out.contains(&format!("{ip} ")), "{out}");
+}
+
+#[test]
+fn the_default_bridge_resolves_names_only_when_turned_on() {
+    if !root() || !tools() {
+        return;
+    }
+    for on in [false, true] {
+        let args: &[&str] = if on { &["--bridge-dns"] } else { &[] };
+        let mut env = Env::new(args);
+        let b1 = env.container("b1");
+        let b2 = env.container("b2");
+        env.connect("bridge", &b1, &[]);
+        let e2 = env.connect("bridge", &b2, &[]);
+        assert_eq!(env.json(&["network", "inspect", "bridge"])["dns"], on);
+        assert_eq!(resolv_of(&b1).exists(), on);
+        // Asked directly (no resolv.conf needed): the gateway answers only when turned on.
+        let r = ask_udp(&b1, "172.17.0.1:53", &query(7, short(&b2.name)));
+        if on {
+            let r = r.expect("an answer from the bridge's gateway");
+            assert_eq!(a_of(&r), vec![ip_of(&e2)]);
+            assert_eq!(
+                getent(&b1, short(&b2.name)),
+                Some(vec![ip_of(&e2).to_string()])
+            );
+        } else {
+            assert!(r.is_none(), "{r:?}");
+        }
+    }
 }
 
 #[test]

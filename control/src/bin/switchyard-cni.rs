@@ -182,7 +182,7 @@ fn run(cmd: &str, stdin: &[u8]) -> Result<Value, CniError> {
                 "ips": [{ "address": format!("{}/{}", e.ip, e.prefix_len), "gateway": net.gateway.to_string(), "interface": 0 }],
                 "routes": [{ "dst": "0.0.0.0/0", "gw": net.gateway.to_string() }],
                 // The network's embedded DNS server, for the runtime's resolv.conf.
-                "dns": if net.dns { json!({ "nameservers": [net.gateway.to_string()] }) } else { json!({}) },
+                "dns": if net.dns { json!({ "nameservers": [net.gateway.to_string()], "search": net.dns_search }) } else { json!({}) },
             }))
         }
         "DEL" => {

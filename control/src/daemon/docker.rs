@@ -196,6 +196,7 @@ impl Daemon {
                     gateway,
                     internal,
                     mtu,
+                    dns_search: Vec::new(),
                 };
                 self.create_network(&mut st, p, Some(c.network_id.clone()), None)?;
                 self.persist(&st);

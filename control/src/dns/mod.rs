@@ -75,12 +75,12 @@ pub fn upstream_addrs(ips: &[Ipv4Addr]) -> Vec<SocketAddrV4> {
 }
 
 /// The resolv.conf a container on a network with gateway `gateway` gets.
-pub fn container_resolv_conf(gateway: Ipv4Addr, search: Option<&str>) -> String {
+pub fn container_resolv_conf(gateway: Ipv4Addr, search: &[String]) -> String {
     let mut s = format!(
         "# written by switchyard: the network's embedded DNS server\nnameserver {gateway}\n"
     );
-    if let Some(d) = search {
-        s.push_str(&format!("search {d}\n"));
+    if !search.is_empty() {
+        s.push_str(&format!("search {}\n", search.join(" ")));
     }
     s.push_str("options ndots:0\n");
     s
@@ -107,7 +107,7 @@ const OURS: &str = "# written by switchyard";
 /// Write `/etc/netns/NAME/resolv.conf` for an endpoint in `/run/netns/NAME` on a network whose
 /// DNS server is `gateway`. A file someone else wrote is left alone; returns whether ours is
 /// there now.
-pub fn write_netns_resolv(netns: &str, gateway: Ipv4Addr, search: Option<&str>) -> bool {
+pub fn write_netns_resolv(netns: &str, gateway: Ipv4Addr, search: &[String]) -> bool {
     let Some(path) = netns_resolv_path(netns) else {
         return false;
     };
@@ -167,9 +167,13 @@ mod tests {
             parse_resolv_conf(t),
             vec![Ipv4Addr::new(192, 0, 2, 53), Ipv4Addr::new(198, 51, 100, 1)]
         );
-        let c = container_resolv_conf(Ipv4Addr::new(10, 9, 0, 1), Some("corp.test"));
+        let c = container_resolv_conf(
+            Ipv4Addr::new(10, 9, 0, 1),
+            &["corp.test".into(), "lab.test".into()],
+        );
         assert_eq!(parse_resolv_conf(&c), vec![Ipv4Addr::new(10, 9, 0, 1)]);
-        assert!(c.contains("search corp.test\n"));
+        assert!(c.contains("search corp.test lab.test\n"));
+        assert!(!container_resolv_conf(Ipv4Addr::new(10, 9, 0, 1), &[]).contains("search"));
     }
 
     #[test]

@@ -46,7 +46,7 @@ pub(super) fn net(p: &mut Pipeline, n: u8, dns: bool) -> Net {
                 prefix_len: 24,
                 gateway: gw,
                 internal: false,
-                domain: None,
+                search: Vec::new(),
                 mtu: 1500,
             }),
         );

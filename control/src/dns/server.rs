@@ -473,9 +473,8 @@ impl DnsServer {
                 }
             }
         }
-        // A single label that is no endpoint here, or a name in the network's own domain:
-        // nobody upstream knows it better.
-        if !name.contains('.') || self.names.in_own_domain(net, &name) {
+        // A single label that is no endpoint here: nobody upstream knows it better.
+        if !name.contains('.') {
             return self.nxdomain(to, resp, limit);
         }
         if info.internal {

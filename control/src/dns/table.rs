@@ -22,9 +22,9 @@ pub struct NetInfo {
     pub gateway: Ipv4Addr,
     /// No forwarding: an internal network resolves its own names only.
     pub internal: bool,
-    /// The network's search domain (lowercase, no trailing dot): `NAME.DOMAIN` resolves too,
-    /// and the server answers NXDOMAIN for the rest of that domain itself.
-    pub domain: Option<String>,
+    /// The network's search domains (lowercase, no trailing dot): `NAME.DOMAIN` resolves like
+    /// `NAME`; other names in them are forwarded (the domain may have real hosts upstream).
+    pub search: Vec<String>,
     /// IP MTU: replies are truncated to fit one unfragmented datagram.
     pub mtu: usize,
 }
@@ -189,17 +189,10 @@ impl Names {
         if let Some(v) = n.by_name.get(name) {
             return Some(v);
         }
-        let d = n.info.domain.as_deref()?;
-        let short = name.strip_suffix(d)?.strip_suffix('.')?;
-        n.by_name.get(short).map(Vec::as_slice)
-    }
-
-    /// Is `name` (normalised) inside `net`'s own search domain?
-    pub fn in_own_domain(&self, net: NetworkId, name: &str) -> bool {
-        let Some(d) = self.nets.get(&net).and_then(|n| n.info.domain.as_deref()) else {
-            return false;
-        };
-        name == d || name.strip_suffix(d).is_some_and(|s| s.ends_with('.'))
+        n.info.search.iter().find_map(|d| {
+            let short = name.strip_suffix(d.as_str())?.strip_suffix('.')?;
+            n.by_name.get(short).map(Vec::as_slice)
+        })
     }
 
     pub fn reverse(&self, net: NetworkId, ip: Ipv4Addr) -> Reverse {
@@ -210,7 +203,7 @@ impl Names {
             return Reverse::NotOurs;
         }
         match n.by_ip.get(&ip).and_then(|v| v.first()) {
-            Some(name) => Reverse::Name(match &n.info.domain {
+            Some(name) => Reverse::Name(match n.info.search.first() {
                 Some(d) => format!("{name}.{d}"),
                 None => name.clone(),
             }),
@@ -241,7 +234,7 @@ mod tests {
             prefix_len: 24,
             gateway: Ipv4Addr::new(10, 0, third, 1),
             internal: false,
-            domain: None,
+            search: Vec::new(),
             mtu: 1500,
         }
     }
@@ -283,13 +276,14 @@ mod tests {
         let a = NetworkId(1);
         let mut t = Names::default();
         let mut i = info(1);
-        i.domain = Some("corp.test".into());
+        i.search = vec!["corp.test".into(), "lab.test".into()];
         t.set_network(a, i);
         let ip = Ipv4Addr::new(10, 0, 1, 2);
         t.add(a, ip, &["web".into()]).unwrap();
         assert_eq!(t.lookup(a, "web.corp.test"), Some(&[ip][..]));
-        assert!(t.in_own_domain(a, "nope.corp.test"));
-        assert!(!t.in_own_domain(a, "xcorp.test"));
+        assert_eq!(t.lookup(a, "web.lab.test"), Some(&[ip][..]));
+        assert_eq!(t.lookup(a, "webcorp.test"), None);
+        assert_eq!(t.lookup(a, "web.other.test"), None);
         assert_eq!(t.reverse(a, ip), Reverse::Name("web.corp.test".into()));
         assert!(matches!(
             t.add(a, ip, &["bad name".into()]),
