@@ -78,7 +78,11 @@ fn net(third: u8) -> NetInfo {
         prefix_len: 24,
         gateway: Ipv4Addr::new(10, third, 0, 1),
         internal: third == 2,
-        domain: (third == 1).then(|| "corp.test".to_string()),
+        search: if third == 1 {
+            vec!["corp.test".to_string()]
+        } else {
+            Vec::new()
+        },
         mtu: 1500,
     }
 }
