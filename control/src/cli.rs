@@ -443,6 +443,7 @@ pub fn connect(socket: &Option<PathBuf>, a: ConnectArgs) -> Result<i32> {
             kind,
             publish: a.publish,
             aliases: a.aliases,
+            ..Default::default()
         },
     )?;
     if a.json {

@@ -1,12 +1,14 @@
 //! A control-socket client: one request, one reply.
 
 use std::io::{BufRead, BufReader, Write};
+use std::os::fd::BorrowedFd;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::de::DeserializeOwned;
 use serde_json::Value;
+use switchyard_switch::backend::fdpass;
 
 use crate::error::{Error, ErrorCode, Result};
 use crate::proto::{self, Request, Response};
@@ -47,6 +49,27 @@ impl Client {
     }
 
     pub fn call_value(&mut self, method: &str, params: Value) -> Result<Value> {
+        self.exchange(method, params, None)
+    }
+
+    /// A request with a file descriptor attached to its bytes (`SCM_RIGHTS`).
+    pub fn call_with_fd<T: DeserializeOwned>(
+        &mut self,
+        method: &str,
+        params: impl serde::Serialize,
+        fd: BorrowedFd<'_>,
+    ) -> Result<T> {
+        let p = serde_json::to_value(params).map_err(|e| Error::internal(e.to_string()))?;
+        let v = self.exchange(method, p, Some(fd))?;
+        serde_json::from_value(v).map_err(|e| Error::internal(format!("unexpected reply: {e}")))
+    }
+
+    fn exchange(
+        &mut self,
+        method: &str,
+        params: Value,
+        fd: Option<BorrowedFd<'_>>,
+    ) -> Result<Value> {
         let id = self.next_id;
         self.next_id += 1;
         let req = Request {
@@ -59,7 +82,10 @@ impl Client {
         line.push(b'\n');
         // A daemon that refuses us replies first and closes: read its reply even when the send
         // failed, so the user sees why.
-        let sent = self.wr.write_all(&line);
+        let sent = match fd {
+            None => self.wr.write_all(&line),
+            Some(fd) => fdpass::send_with_fd(&self.wr, &line, Some(fd)),
+        };
         let mut buf = String::new();
         let n = self.rd.read_line(&mut buf);
         match (sent, n) {

@@ -4,9 +4,10 @@
 //! endpoint namespaces, one waiting for SIGTERM/SIGINT, and the dataplane thread. The control
 //! state sits behind one mutex; the dataplane is reached only through [`Dataplane::call`].
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::Ipv4Addr;
+use std::os::fd::OwnedFd;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -16,6 +17,7 @@ use std::time::Duration as StdDuration;
 
 use serde_json::{json, Value};
 use switchyard_nat::{NetworkConfig, PortForward, Proto as NatProto, RouterConfig, UplinkConfig};
+use switchyard_switch::backend::fdpass;
 use switchyard_switch::mac_table::MacTableConfig;
 use switchyard_switch::{Duration, MacAddr, NetworkId, PortId, PortKind, SwitchConfig};
 
@@ -580,12 +582,36 @@ impl Daemon {
     fn connect(
         &self,
         st: &mut State,
-        p: proto::Connect,
+        mut p: proto::Connect,
         restore: Option<&EndpointRecord>,
     ) -> Result<EndpointInfo> {
+        let passed = p.ns_fd.take();
+        if p.netns_fd && (passed.is_none() || p.netns.is_none() || p.pid.is_some()) {
+            return Err(Error::bad_request(
+                "netns_fd: send the namespace's fd with the request (SCM_RIGHTS) and its path as netns, without pid",
+            ));
+        }
+        let mut ns_by_fd = false;
         let (ns, netns_path, pid) = match (&p.netns, p.pid) {
             (Some(_), Some(_)) => return Err(Error::invalid("give --netns or --pid, not both")),
             (None, None) => return Err(Error::invalid("give --netns PATH or --pid PID")),
+            (Some(path), None) if p.netns_fd => {
+                let given = passed
+                    .map(NetNs::from_fd)
+                    .transpose()
+                    .map_err(|e| Error::invalid(format!("the namespace passed for {path}: {e}")))?;
+                let given = given.ok_or_else(|| Error::internal("no namespace fd"))?;
+                // The path, when it names that namespace here too: the daemon can then reopen it
+                // (reaping, restore). Otherwise (another mount namespace) the fd is all there is.
+                let ino = given.inode().ok();
+                match NetNs::open(path) {
+                    Ok(ns) if ns.inode().ok() == ino => (ns, path.clone(), None),
+                    _ => {
+                        ns_by_fd = true;
+                        (given, path.clone(), None)
+                    }
+                }
+            }
             (Some(path), None) => {
                 let ns = NetNs::open(path)
                     .map_err(|e| Error::not_found(format!("network namespace {path}: {e}")))?;
@@ -634,24 +660,13 @@ impl Daemon {
             }
         }
         let kind = p.kind.unwrap_or_default();
-        // Rootless: the container's namespaces are entered by a helper process through a pid.
-        let helper_pid = if self.uid == 0 {
-            None
-        } else {
-            if kind == EndpointType::Veth {
-                return Err(Error::invalid(
-                    "--type veth needs a root daemon; a rootless daemon makes tap endpoints (the default)",
-                ));
-            }
-            match pid {
-                Some(pid) => Some(pid as u32),
-                None => Some(crate::userns::pid_of_netns_path(&netns_path).ok_or_else(|| {
-                    Error::invalid(
-                        "a rootless daemon needs --pid PID (or --netns /proc/PID/ns/net): it enters the namespace through that process's user namespace",
-                    )
-                })?),
-            }
-        };
+        // Rootless: a helper process enters the namespace through the user namespace owning it.
+        let rootless = self.uid != 0;
+        if rootless && kind == EndpointType::Veth {
+            return Err(Error::invalid(
+                "--type veth needs a root daemon; a rootless daemon makes tap endpoints (the default)",
+            ));
+        }
         let net = st.net(&p.network)?;
         if net.endpoints.contains_key(&name) {
             return Err(Error::conflict(format!(
@@ -679,6 +694,9 @@ impl Daemon {
                 p.network
             )));
         }
+        if p.engine_holds_ports && !p.publish.is_empty() {
+            self.check_engine_ports(&p)?;
+        }
         // Publish specs are checked before anything is created.
         let mut mappings: Vec<PortMapping> = Vec::new();
         let existing = st.all_mappings();
@@ -697,7 +715,7 @@ impl Daemon {
                 i.clone()
             }
             // The helper picks the first free ethN inside.
-            None if helper_pid.is_some() => String::new(),
+            None if rootless => String::new(),
             None => {
                 plumbing::first_free_ifname(&ns, "eth").map_err(|e| Error::system(e.to_string()))?
             }
@@ -733,9 +751,8 @@ impl Daemon {
             }
         };
         let (io, host_ifname) = match kind {
-            EndpointType::Tap if helper_pid.is_some() => {
+            EndpointType::Tap if rootless => {
                 let req = crate::userns::TapRequest {
-                    pid: helper_pid.unwrap_or(0),
                     ifname: espec.ifname.clone(),
                     mac: espec.mac,
                     ip,
@@ -743,7 +760,7 @@ impl Daemon {
                     gateway,
                     mtu,
                 };
-                match crate::userns::create_tap(&req) {
+                match crate::userns::create_tap(&req, &ns) {
                     Ok((t, name)) => {
                         ifname = name;
                         (PortIo::Tap(t), None)
@@ -795,6 +812,7 @@ impl Daemon {
             ports: mappings,
             docker_endpoint: None,
             aliases: p.aliases.clone(),
+            ns_by_fd,
         };
         self.dns_names(nid, ip, &rec, gateway, &search);
         let net = st.net_mut(&p.network)?;
@@ -802,6 +820,24 @@ impl Daemon {
         let info = net.endpoint_info(&net.endpoints[&name]);
         tracing::info!(network = %p.network, endpoint = %name, %ip, %mac, kind = %kind, network_id = %&net_id[..12], "endpoint connected");
         Ok(info)
+    }
+
+    /// An engine that listens on its published host ports itself (rootful Podman) in the
+    /// namespace where the socket uplink would listen for them too: refuse with what to do,
+    /// rather than let the engine fail on "address already in use" after the endpoint is made.
+    fn check_engine_ports(&self, p: &proto::Connect) -> Result<()> {
+        let here = NetNs::current().and_then(|n| n.inode()).ok();
+        if p.peer_netns.is_none() || p.peer_netns != here {
+            return Ok(());
+        }
+        if !self.dp(|dp| dp.socket_uplink().is_some())? {
+            return Ok(());
+        }
+        Err(Error::conflict(format!(
+            "published ports {}: the container engine listens on these host ports itself (rootful Podman's conmon reserves every -p port) in the network namespace where switchyard's socket uplink would listen for them too, so the two collide. Give the daemon a raw uplink (--uplink IFACE), or run the container without -p and publish through switchyard: `switchyard publish {} cni-CONTAINERID12 SPEC` (keeps the client's address)",
+            p.publish.join(", "),
+            p.network
+        )))
     }
 
     /// The endpoint's name and aliases into its network's DNS (when the network has DNS), and
@@ -1220,7 +1256,10 @@ impl Daemon {
         let _ = stream.set_write_timeout(Some(StdDuration::from_secs(10)));
         let Ok(wr) = stream.try_clone() else { return };
         let mut wr = std::io::BufWriter::new(wr);
-        let mut rd = BufReader::new(stream);
+        let mut rd = BufReader::new(FdReader {
+            sock: stream,
+            fds: VecDeque::new(),
+        });
         let mut line = Vec::new();
         loop {
             line.clear();
@@ -1232,11 +1271,23 @@ impl Daemon {
                 Ok(n) => n,
             };
             let too_long = n > proto::MAX_REQUEST;
-            let (id, call) = proto::decode(&line);
+            let (id, mut call) = proto::decode(&line);
             if let Ok(Call::Capture(p)) = call {
                 // The connection becomes the capture stream; it ends when the client goes.
-                self.stream_capture(id, p, &mut wr, rd.get_ref());
+                self.stream_capture(id, p, &mut wr, &rd.get_ref().sock);
                 return;
+            }
+            if let Ok(Call::Connect(p)) = &mut call {
+                if p.netns_fd {
+                    p.ns_fd = rd.get_mut().fds.pop_front();
+                }
+                if p.engine_holds_ports {
+                    p.peer_netns = peer_netns(&rd.get_ref().sock);
+                }
+            }
+            if rd.buffer().is_empty() {
+                // Descriptors no request of this batch asked for.
+                rd.get_mut().fds.clear();
             }
             let resp = reply(
                 id,
@@ -1329,7 +1380,9 @@ impl Daemon {
         tracing::info!(network = %p.network, endpoint = %p.name, "capture ended");
     }
 
-    /// Remove endpoints whose namespace went away (container exited, netns unmounted).
+    /// Remove endpoints whose namespace went away (container exited, netns unmounted). An
+    /// endpoint whose namespace came as an fd is its engine's to remove (CNI DEL): the daemon
+    /// cannot look at that path.
     fn reap(&self) {
         let mut st = self.lock();
         // Docker drives its endpoints' lifecycle (Leave, DeleteEndpoint): at Join its sandbox
@@ -1357,7 +1410,11 @@ impl Daemon {
             .flat_map(|n| {
                 n.endpoints
                     .values()
-                    .filter(|e| e.rec.docker_endpoint.is_none() && !namespace_alive(&e.rec))
+                    .filter(|e| {
+                        e.rec.docker_endpoint.is_none()
+                            && !e.rec.ns_by_fd
+                            && !namespace_alive(&e.rec)
+                    })
                     .map(|e| (n.rec.name.clone(), e.rec.name.clone()))
             })
             .collect();
@@ -1412,6 +1469,12 @@ impl Daemon {
                         e.ns_inode = ino;
                     }
                 }
+                if e.ns_by_fd {
+                    // Nothing to reopen it by: the engine attaches it again when it restarts
+                    // the container.
+                    tracing::warn!(network = %n.name, endpoint = %e.name, netns = %e.netns, "not restored: its namespace came as a file descriptor, which a restart cannot reopen");
+                    continue;
+                }
                 if !namespace_alive(&e) {
                     tracing::info!(network = %n.name, endpoint = %e.name, "not restored: its namespace is gone");
                     if let Some(h) = &e.host_ifname {
@@ -1444,6 +1507,7 @@ impl Daemon {
                             None => format!("{}:{}/{}", m.host_port, m.container_port, m.proto),
                         })
                         .collect(),
+                    ..Default::default()
                 };
                 match self.connect(st, c, Some(&e)) {
                     Ok(_) => {
@@ -1584,6 +1648,37 @@ fn bind_socket(path: &Path, group: Option<u32>) -> Result<UnixListener> {
         ))
     })?;
     Ok(l)
+}
+
+/// The reading side of a control connection: `recvmsg`, so that a file descriptor sent with a
+/// request's bytes (`SCM_RIGHTS`, `endpoint.connect` with `netns_fd`) is kept for it.
+struct FdReader {
+    sock: UnixStream,
+    fds: VecDeque<OwnedFd>,
+}
+
+/// Descriptors a connection may have waiting for their requests; more are closed.
+const MAX_PENDING_FDS: usize = 4;
+
+impl Read for FdReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let (n, fd) = fdpass::recv_with_fd(&self.sock, buf)?;
+        if let Some(fd) = fd {
+            if self.fds.len() < MAX_PENDING_FDS {
+                self.fds.push_back(fd);
+            }
+        }
+        Ok(n)
+    }
+}
+
+/// The network namespace (inode) of the process at the other end of `stream`.
+fn peer_netns(stream: &UnixStream) -> Option<u64> {
+    use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
+    let pid = getsockopt(stream, PeerCredentials).ok()?.pid();
+    NetNs::of_pid(u32::try_from(pid).ok()?)
+        .and_then(|n| n.inode())
+        .ok()
 }
 
 fn peer_allowed(

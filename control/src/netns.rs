@@ -7,7 +7,7 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io;
-use std::os::fd::{AsFd, BorrowedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -45,6 +45,30 @@ impl NetNs {
             ));
         }
         Ok(NetNs { file })
+    }
+
+    /// A namespace handed over as a file descriptor (say over `SCM_RIGHTS` by a process that can
+    /// open a path we cannot see): it must be a network namespace.
+    pub fn from_fd(fd: OwnedFd) -> io::Result<NetNs> {
+        let file = File::from(fd);
+        let fs = fstatfs(&file).map_err(io::Error::from)?;
+        if fs.filesystem_type() != NSFS_MAGIC
+            || ns_ioctl(file.as_fd(), NS_GET_NSTYPE)? != libc::CLONE_NEWNET
+        {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "the file descriptor is not a network namespace",
+            ));
+        }
+        Ok(NetNs { file })
+    }
+
+    /// The user namespace that owns this network namespace (`NS_GET_USERNS`): the one a
+    /// process must be in (with capabilities) to configure it.
+    pub fn owning_userns(&self) -> io::Result<File> {
+        let fd = ns_ioctl(self.file.as_fd(), NS_GET_USERNS)
+            .map_err(|e| annotate(e, "NS_GET_USERNS".into()))?;
+        Ok(File::from(owned_from_ioctl(fd)))
     }
 
     /// The namespace of process `pid`.
@@ -218,6 +242,55 @@ fn check_name(name: &str) -> io::Result<()> {
 }
 
 /// Prefixes an io::Error with what we were doing; its kind (what callers match on) is kept.
+/// `_IO(0xb7, 1)` and `_IO(0xb7, 3)` from linux/nsfs.h.
+const NS_GET_USERNS: u32 = 0xb701;
+const NS_GET_NSTYPE: u32 = 0xb703;
+
+/// An nsfs ioctl that takes no argument; its non-negative result.
+#[allow(unsafe_code)]
+fn ns_ioctl(fd: BorrowedFd<'_>, request: u32) -> io::Result<libc::c_int> {
+    // SAFETY: NS_GET_USERNS and NS_GET_NSTYPE take no argument and touch no memory of ours; the
+    // kernel checks that `fd` (valid for the borrow) is a namespace.
+    let r = unsafe { libc::ioctl(fd.as_raw_fd(), request as _) };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r)
+    }
+}
+
+#[allow(unsafe_code)]
+fn owned_from_ioctl(fd: libc::c_int) -> OwnedFd {
+    // SAFETY: NS_GET_USERNS returned a new fd (close-on-exec) that nothing else owns.
+    unsafe { OwnedFd::from_raw_fd(fd) }
+}
+
 fn annotate(e: io::Error, what: String) -> io::Error {
     io::Error::new(e.kind(), format!("{what}: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn namespaces_from_fds_and_their_owners() {
+        let open = |p: &str| OwnedFd::from(File::open(p).unwrap());
+        let net = NetNs::from_fd(open("/proc/self/ns/net")).unwrap();
+        assert_eq!(
+            net.inode().unwrap(),
+            NetNs::current().unwrap().inode().unwrap()
+        );
+        let owner = net.owning_userns().unwrap().metadata().unwrap().ino();
+        let mine = fs::metadata("/proc/self/ns/user").unwrap().ino();
+        assert_eq!(owner, mine);
+        for not_net in [
+            "/proc/self/ns/user",
+            "/proc/self/ns/mnt",
+            "/proc/self/status",
+        ] {
+            let e = NetNs::from_fd(open(not_net)).unwrap_err();
+            assert_eq!(e.kind(), io::ErrorKind::InvalidInput, "{not_net}: {e}");
+        }
+    }
 }

@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
+use std::os::fd::OwnedFd;
 
 use serde::{Deserialize, Serialize};
 use switchyard_switch::MacAddr;
@@ -112,6 +113,21 @@ pub struct Connect {
     /// More names the endpoint answers to in its network's DNS (besides `name`).
     #[serde(default)]
     pub aliases: Vec<String>,
+    /// The namespace comes as a file descriptor (`SCM_RIGHTS`) with the request's bytes;
+    /// `netns` is then its path as the sender sees it (a CNI plugin in rootless Podman's mount
+    /// namespace).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub netns_fd: bool,
+    /// That descriptor, once received.
+    #[serde(skip)]
+    pub ns_fd: Option<OwnedFd>,
+    /// The engine itself listens on the `publish` host ports in the requester's network
+    /// namespace (rootful Podman's conmon reserves them).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub engine_holds_ports: bool,
+    /// The requester's network namespace (its inode), when `engine_holds_ports`.
+    #[serde(skip)]
+    pub peer_netns: Option<u64>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]

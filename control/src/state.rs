@@ -38,6 +38,10 @@ pub struct EndpointRecord {
     /// DNS aliases (`connect --alias`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub aliases: Vec<String>,
+    /// The namespace came as a file descriptor (`netns` is not a path the daemon can open): its
+    /// engine drives the endpoint's life (CNI DEL) and a restart cannot restore it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub ns_by_fd: bool,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -177,6 +181,7 @@ mod tests {
                     ports: vec![],
                     docker_endpoint: None,
                     aliases: vec![],
+                    ns_by_fd: false,
                 }],
             }],
         }

@@ -1,9 +1,10 @@
 //! Rootless endpoints. An unprivileged daemon cannot enter a container's network namespace
 //! from a thread: the namespace belongs to the container's user namespace, and a
 //! multithreaded process may not join a user namespace. So a short-lived helper process (this
-//! binary, re-executed as `__tap-helper`) joins the user and then the network namespace of the
-//! container's process, creates and configures the tap there ([`plumbing`]), and passes the tap
-//! fd back over `SCM_RIGHTS` on a socketpair that is its stdout. The daemon stays in the host
+//! binary, re-executed as `__tap-helper`) gets the network namespace as an fd over `SCM_RIGHTS`
+//! on a socketpair that is its stdout, joins the user namespace that owns it
+//! (`NS_GET_USERNS`) and then the namespace itself, creates and configures the tap there
+//! ([`plumbing`]), and passes the tap fd back the same way. The daemon stays in the host
 //! namespaces.
 
 use std::fs::File;
@@ -26,8 +27,6 @@ use crate::plumbing::{self, EndpointSpec};
 /// What the daemon asks of the helper.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TapRequest {
-    /// A process in the container's user and network namespaces.
-    pub pid: u32,
     /// Empty: the first free `ethN` in the namespace.
     pub ifname: String,
     pub mac: [u8; 6],
@@ -52,16 +51,9 @@ struct TapReply {
 /// How long the helper may take.
 const HELPER_TIMEOUT: Duration = Duration::from_secs(20);
 
-/// The pid behind a `/proc/PID/ns/net` path.
-pub fn pid_of_netns_path(path: &str) -> Option<u32> {
-    let rest = path.strip_prefix("/proc/")?;
-    let (pid, tail) = rest.split_once('/')?;
-    (tail == "ns/net").then_some(())?;
-    pid.parse().ok()
-}
-
-/// Daemon side: run the helper for `req`; the tap and its interface name.
-pub fn create_tap(req: &TapRequest) -> Result<(Tap, String), String> {
+/// Daemon side: run the helper for `req` in the network namespace `ns`; the tap and its
+/// interface name.
+pub fn create_tap(req: &TapRequest, ns: &NetNs) -> Result<(Tap, String), String> {
     let exe = std::env::current_exe().map_err(|e| format!("own executable: {e}"))?;
     let (mine, theirs) = UnixStream::pair().map_err(|e| format!("socketpair: {e}"))?;
     let arg = serde_json::to_string(req).map_err(|e| e.to_string())?;
@@ -73,6 +65,11 @@ pub fn create_tap(req: &TapRequest) -> Result<(Tap, String), String> {
         .spawn()
         .map_err(|e| format!("starting the namespace helper: {e}"))?;
     let _ = mine.set_read_timeout(Some(HELPER_TIMEOUT));
+    if let Err(e) = fdpass::send_with_fd(&mine, b"netns", Some(ns.as_fd())) {
+        let _ = child.kill();
+        let _ = child.wait();
+        return Err(format!("passing the namespace to the helper: {e}"));
+    }
     let mut buf = vec![0u8; 4096];
     let got = fdpass::recv_with_fd(&mine, &mut buf);
     if got.is_err() {
@@ -104,8 +101,15 @@ pub fn helper(arg: &str) -> i32 {
     };
     let (reply, tap) = match serde_json::from_str::<TapRequest>(arg)
         .map_err(|e| format!("bad request: {e}"))
-        .and_then(|r| make_tap(&r))
-    {
+        .and_then(|r| {
+            let mut buf = [0u8; 16];
+            let ns = match fdpass::recv_with_fd(&out, &mut buf) {
+                Ok((_, Some(fd))) => NetNs::from_fd(fd).map_err(|e| e.to_string())?,
+                Ok((_, None)) => return Err("the daemon sent no namespace".to_string()),
+                Err(e) => return Err(format!("receiving the namespace: {e}")),
+            };
+            make_tap(&r, &ns)
+        }) {
         Ok((tap, ifname)) => (
             TapReply {
                 ok: true,
@@ -130,11 +134,10 @@ pub fn helper(arg: &str) -> i32 {
     i32::from(sent.is_err() || !reply.ok)
 }
 
-fn make_tap(r: &TapRequest) -> Result<(Tap, String), String> {
-    let user = File::open(format!("/proc/{}/ns/user", r.pid))
-        .map_err(|e| format!("user namespace of pid {}: {e}", r.pid))?;
-    let net =
-        NetNs::of_pid(r.pid).map_err(|e| format!("network namespace of pid {}: {e}", r.pid))?;
+fn make_tap(r: &TapRequest, net: &NetNs) -> Result<(Tap, String), String> {
+    let user = net
+        .owning_userns()
+        .map_err(|e| format!("the user namespace owning the network namespace: {e}"))?;
     let own = File::open("/proc/self/ns/user").and_then(|f| f.metadata());
     let same = own
         .ok()
@@ -142,14 +145,10 @@ fn make_tap(r: &TapRequest) -> Result<(Tap, String), String> {
         .is_some_and(|(a, b)| a.ino() == b.ino());
     if !same {
         setns(user.as_fd(), CloneFlags::CLONE_NEWUSER)
-            .map_err(|e| format!("entering the user namespace of pid {}: {e}", r.pid))?;
+            .map_err(|e| format!("entering the user namespace that owns the network namespace: {e} (is it another user's?)"))?;
     }
-    setns(net.as_fd(), CloneFlags::CLONE_NEWNET).map_err(|e| {
-        format!(
-            "entering the network namespace of pid {}: {e} (is it owned by that process's user namespace?)",
-            r.pid
-        )
-    })?;
+    setns(net.as_fd(), CloneFlags::CLONE_NEWNET)
+        .map_err(|e| format!("entering the network namespace: {e}"))?;
     let here = NetNs::current().map_err(|e| e.to_string())?;
     let ifname = if r.ifname.is_empty() {
         plumbing::first_free_ifname(&here, "eth").map_err(|e| e.to_string())?
@@ -175,17 +174,4 @@ fn make_tap(r: &TapRequest) -> Result<(Tap, String), String> {
         }
     })?;
     Ok((tap, ifname))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn pids_from_netns_paths() {
-        assert_eq!(pid_of_netns_path("/proc/42/ns/net"), Some(42));
-        assert_eq!(pid_of_netns_path("/proc/42/ns/user"), None);
-        assert_eq!(pid_of_netns_path("/run/netns/x"), None);
-        assert_eq!(pid_of_netns_path("/proc/self/ns/net"), None);
-    }
 }

@@ -349,3 +349,89 @@ fn cni_plugin_add_check_del() {
         .unwrap()
         .is_empty());
 }
+
+/// `endpoint.connect` with the namespace as an fd (`netns_fd`, what the CNI plugin sends from
+/// rootless Podman's mount namespace): checked, attached, left alone by the reaper although
+/// its path is nothing here, and not restored after a restart; with a path that names the same
+/// namespace here it is an ordinary endpoint. A descriptor no request asked for is dropped.
+#[test]
+fn netns_passed_as_fd() {
+    use switchyard_control::client::Client;
+    use switchyard_control::error::ErrorCode;
+    if !root() {
+        return;
+    }
+    let mut env = Env::new(&[]);
+    let a = env.container("fda");
+    let b = env.container("fdb");
+    env.ok(&["network", "create", "fdn", "--subnet", "10.96.0.0/24"]);
+    let mut c = Client::connect(&env.socket).unwrap();
+    let req =
+        |netns: &str| json!({"network": "fdn", "netns": netns, "netns_fd": true, "name": "fda"});
+
+    let e = c
+        .call_value("endpoint.connect", req("/elsewhere/fda"))
+        .unwrap_err();
+    assert_eq!(e.code, ErrorCode::BadRequest, "no fd sent: {e}");
+    let user = std::fs::File::open("/proc/self/ns/user").unwrap();
+    let e = c
+        .call_with_fd::<Value>("endpoint.connect", req("/elsewhere/fda"), user.as_fd())
+        .unwrap_err();
+    assert!(e.to_string().contains("not a network namespace"), "{e}");
+    // An fd on a request that takes none is dropped, not kept for the next one.
+    let v: Value = c.call_with_fd("version", json!({}), a.ns.as_fd()).unwrap();
+    assert_eq!(v["protocol"], 1);
+    let e = c
+        .call_value("endpoint.connect", req("/elsewhere/fda"))
+        .unwrap_err();
+    assert_eq!(e.code, ErrorCode::BadRequest, "{e}");
+    assert!(env.json(&["network", "inspect", "fdn"])["endpoints"]
+        .as_array()
+        .unwrap()
+        .is_empty());
+
+    // A path the daemon cannot open: the fd is the namespace.
+    let ea: Value = c
+        .call_with_fd("endpoint.connect", req("/elsewhere/fda"), a.ns.as_fd())
+        .unwrap();
+    assert_eq!(ea["netns"], "/elsewhere/fda");
+    let gw = Ipv4Addr::new(10, 96, 0, 1);
+    let ping = |ns: &NetNs| {
+        probe::ping(ns, gw, 1, Duration::from_secs(2))
+            .unwrap()
+            .len()
+    };
+    assert_eq!(ping(&a.ns), 1);
+    // The path of a namespace the daemon can open: an ordinary endpoint.
+    let mut rb = req(b.path.to_str().unwrap());
+    rb["name"] = json!("fdb");
+    let eb: Value = c
+        .call_with_fd("endpoint.connect", rb, b.ns.as_fd())
+        .unwrap();
+    assert_eq!(eb["netns"], b.path.to_str().unwrap());
+    assert_eq!(ping(&b.ns), 1);
+    // The reaper (every second) cannot look at /elsewhere/fda: the engine's DEL removes it.
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(
+        env.json(&["network", "inspect", "fdn"])["endpoints"]
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
+    drop(c);
+
+    env.stop_daemon(nix::sys::signal::Signal::SIGTERM);
+    env.start_daemon();
+    let eps = env.json(&["network", "inspect", "fdn"])["endpoints"].clone();
+    let names: Vec<&str> = eps
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["fdb"], "only the endpoint with a path is restored");
+    assert!(env.log().contains("came as a file descriptor"));
+    assert_eq!(ping(&b.ns), 1);
+    env.ok(&["disconnect", "fdn", "fdb"]);
+}

@@ -88,6 +88,9 @@ fn write_exec(path: &Path, body: &str) {
 /// (httpd on a dual-stack socket says `[::ffff:10.90.0.3]`: printed as `10.90.0.3`.)
 const PEER_CGI: &str = "#!/bin/sh\necho 'Content-Type: text/plain'\necho\na=${REMOTE_ADDR#[}\na=${a%]}\necho \"${a#::ffff:}\"\n";
 
+/// The image's web server: busybox httpd on port 80, serving `/www`.
+const HTTPD: [&str; 6] = ["httpd", "-f", "-p", "80", "-h", "/www"];
+
 /// A rootfs tarball: the static busybox with its applets, `/www/index.html` and
 /// `/www/cgi-bin/peer` for `httpd -h /www`.
 fn busybox_tarball(dir: &Path) -> PathBuf {
@@ -497,17 +500,39 @@ fn docker_with_switchyard_driver() {
 // ---------------------------------------------------------------------------------------------
 // Podman
 
-/// Rootful Podman with its storage, run dir, containers.conf, CNI config and plugin dirs all
-/// under `dir`; containers and mounts removed on drop. Root here lacks CAP_SYS_RESOURCE: with
-/// Podman's default nofile and nproc (raised, or even our own limits) runc fails with "error
-/// setting rlimits"; 1024 works.
+/// Podman with its storage, run dir, containers.conf, CNI config and plugin dirs all under
+/// `dir`, run inside the test's network namespace `netns` (its `-p` reservations bind there, not
+/// on the host); containers, mounts and the rootless pause process removed on drop.
+///
+/// Rootful: root here lacks CAP_SYS_RESOURCE: with Podman's default nofile and nproc (raised, or
+/// even our own limits) runc fails with "error setting rlimits"; 1024 works.
+/// Rootless: as uid 65534 with HOME and XDG_RUNTIME_DIR under `dir`. That user has no subordinate
+/// ids here (and the test leaves /etc alone), so Podman uses its single mapping (container root
+/// is the user; the busybox image has nothing else).
 struct Podman {
     dir: PathBuf,
+    netns: PathBuf,
+    rootless: bool,
 }
 
+/// The unprivileged user of the rootless tests.
+const USER: &str = "65534";
+/// A command prefix that runs the rest as that user.
+const AS_USER: [&str; 7] = [
+    "setpriv",
+    "--reuid",
+    USER,
+    "--regid",
+    USER,
+    "--clear-groups",
+    "--",
+];
+
 impl Podman {
-    fn new(dir: PathBuf) -> Podman {
-        for d in ["root", "runroot", "tmp", "cni-bin", "cni-conf"] {
+    fn new(dir: PathBuf, netns: &Path, rootless: bool) -> Podman {
+        for d in [
+            "root", "runroot", "tmp", "cni-bin", "cni-conf", "home", "run",
+        ] {
             std::fs::create_dir_all(dir.join(d)).unwrap();
         }
         let p = |s: &str| dir.join(s).to_str().unwrap().to_string();
@@ -542,32 +567,52 @@ network_config_dir = "{}"
         )
         .unwrap();
         std::fs::copy(CNI, dir.join("cni-bin/switchyard")).unwrap();
-        Podman { dir }
+        if rootless {
+            chown_tree(&dir, USER);
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(dir.join("run"), std::fs::Permissions::from_mode(0o700))
+                .unwrap();
+        }
+        Podman {
+            dir,
+            netns: netns.to_path_buf(),
+            rootless,
+        }
     }
 
     fn podman(&self, args: &[&str]) -> Output {
         let p = |s: &str| self.dir.join(s).to_str().unwrap().to_string();
-        let (root, runroot, tmp) = (p("root"), p("runroot"), p("tmp"));
-        let mut a = vec![
-            "--root",
-            &root,
-            "--runroot",
-            &runroot,
-            "--tmpdir",
-            &tmp,
-            "--storage-driver",
-            "vfs",
-        ];
-        a.extend_from_slice(args);
-        let conf = p("containers.conf");
-        let storage = p("storage.conf");
+        let net = format!("--net={}", self.netns.display());
+        let mut a: Vec<String> = vec![net];
+        if self.rootless {
+            a.extend(AS_USER.iter().map(|x| x.to_string()));
+            a.extend([
+                "env".into(),
+                "-i".into(),
+                "PATH=/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin".into(),
+                format!("HOME={}", p("home")),
+                format!("XDG_RUNTIME_DIR={}", p("run")),
+            ]);
+        } else {
+            a.push("env".into());
+        }
+        a.push(format!("CONTAINERS_CONF={}", p("containers.conf")));
+        a.push(format!("CONTAINERS_STORAGE_CONF={}", p("storage.conf")));
+        a.push("podman".into());
+        for (flag, d) in [
+            ("--root", "root"),
+            ("--runroot", "runroot"),
+            ("--tmpdir", "tmp"),
+        ] {
+            a.push(flag.into());
+            a.push(p(d));
+        }
+        a.extend(["--storage-driver".into(), "vfs".into()]);
+        a.extend(args.iter().map(|s| s.to_string()));
         run(
-            "podman",
-            &a,
-            &[
-                ("CONTAINERS_CONF", &conf),
-                ("CONTAINERS_STORAGE_CONF", &storage),
-            ],
+            "nsenter",
+            &a.iter().map(String::as_str).collect::<Vec<_>>(),
+            &[],
             120,
         )
     }
@@ -577,102 +622,352 @@ network_config_dir = "{}"
         assert!(o.status.success(), "podman {args:?}: {}", text(&o));
         String::from_utf8_lossy(&o.stdout).trim().to_string()
     }
+
+    /// Write the network config `name.conflist` for the plugin.
+    fn conflist(&self, name: &str, subnet: &str, socket: &Path) {
+        let conflist = serde_json::json!({
+            "cniVersion": "1.0.0",
+            "name": name,
+            "plugins": [{
+                "type": "switchyard",
+                "network": name,
+                "subnet": subnet,
+                "socket": socket,
+                "capabilities": {"portMappings": true}
+            }]
+        });
+        let path = self.dir.join(format!("cni-conf/{name}.conflist"));
+        std::fs::File::create(&path)
+            .unwrap()
+            .write_all(conflist.to_string().as_bytes())
+            .unwrap();
+        if self.rootless {
+            chown_tree(&path, USER);
+        }
+    }
+
+    /// Import the busybox image as `localhost/sy-busybox`.
+    fn import_busybox(&self, scratch: &Path) {
+        let tar = busybox_tarball(scratch);
+        if self.rootless {
+            chown_tree(&tar, USER);
+        }
+        self.ok(&["import", tar.to_str().unwrap(), "localhost/sy-busybox"]);
+    }
+}
+
+/// `chown -R USER:USER path`.
+fn chown_tree(path: &Path, user: &str) {
+    let o = run(
+        "chown",
+        &["-R", &format!("{user}:{user}"), path.to_str().unwrap()],
+        &[],
+        60,
+    );
+    assert!(o.status.success(), "chown: {}", text(&o));
 }
 
 impl Drop for Podman {
     fn drop(&mut self) {
         let _ = self.podman(&["rm", "-a", "-f", "-t", "0"]);
         let _ = self.podman(&["rmi", "-a", "-f"]);
+        if self.rootless {
+            // The process that holds rootless Podman's user and mount namespaces.
+            // (Podman keeps its pid in its --tmpdir.)
+            let pid = std::fs::read_to_string(self.dir.join("tmp/pause.pid"));
+            if let Some(pid) = pid.ok().and_then(|p| p.trim().parse::<i32>().ok()) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
         umount_under(&self.dir);
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
-#[test]
-fn podman_with_switchyard_cni() {
-    if !root() {
-        return;
+fn podman_missing(extra: &[&str]) -> bool {
+    let mut need = vec![
+        "podman", "runc", "conmon", "nsenter", "timeout", "tar", BUSYBOX,
+    ];
+    need.extend_from_slice(extra);
+    if let Some(m) = missing(&need) {
+        println!(
+            "skipped: not installed: {m} (apt-get install podman runc slirp4netns busybox-static)"
+        );
+        return true;
     }
-    if let Some(m) = missing(&["podman", "runc", "conmon", "timeout", "tar", BUSYBOX]) {
-        println!("skipped: not installed: {m} (apt-get install podman runc busybox-static)");
-        return;
-    }
-    let t0 = Instant::now();
-    let env = Env::new(&[]);
-    let pm = Podman::new(env.dir.join("p"));
-    let conflist = serde_json::json!({
-        "cniVersion": "1.0.0",
-        "name": "sy2",
-        "plugins": [{
-            "type": "switchyard",
-            "network": "sy2",
-            "subnet": "10.91.0.0/24",
-            "gateway": "10.91.0.1",
-            "socket": env.socket,
-            "capabilities": {"portMappings": true}
-        }]
-    });
-    std::fs::File::create(pm.dir.join("cni-conf/sy2.conflist"))
-        .unwrap()
-        .write_all(conflist.to_string().as_bytes())
-        .unwrap();
-    let tar = busybox_tarball(&env.dir);
-    pm.ok(&["import", tar.to_str().unwrap(), "localhost/sy-busybox"]);
+    false
+}
 
-    pm.ok(&[
-        "run",
-        "-d",
-        "--network",
-        "sy2",
-        "--name",
-        "web2",
-        "localhost/sy-busybox",
-        "httpd",
-        "-f",
-        "-p",
-        "80",
-        "-h",
-        "/www",
-    ]);
-    let eps = endpoints(&env, "sy2");
+/// The endpoint of a Podman container (`cni-` and the first 12 characters of its id).
+fn cni_endpoint(pm: &Podman, container: &str) -> String {
+    let id = pm.ok(&["inspect", "-f", "{{.Id}}", container]);
+    format!("cni-{}", &id[..12])
+}
+
+/// Two containers on a switchyard network reach each other (the server sees the client's
+/// address) and the outside through NAT (the outside sees `uplink_ip`); the client is `--rm`.
+fn two_containers_talk(pm: &Podman, env: &Env, net: &str, uplink_ip: &str) -> String {
+    let eps = endpoints(env, net);
     assert_eq!(eps.len(), 1, "the CNI ADD made an endpoint: {eps:?}");
     let web = eps[0]["ip"].as_str().unwrap().to_string();
-    assert!(web.starts_with("10.91.0."), "{web}");
+    let gw = env.json(&["network", "inspect", net])["gateway"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let out = pm.ok(&[
         "run",
         "--rm",
         "--network",
-        "sy2",
+        net,
         "localhost/sy-busybox",
         "sh",
         "-c",
         &format!(
-            "ping -c 1 -W 3 10.91.0.1 >/dev/null && ping -c 1 -W 3 {web} >/dev/null && \
-             timeout 5 wget -qO- http://{web}/cgi-bin/peer && ip -4 -o addr show eth0"
+            "ping -c 1 -W 3 {gw} >/dev/null && ping -c 1 -W 3 {web} >/dev/null && \
+             timeout 5 wget -qO- http://{web}/cgi-bin/peer && \
+             timeout 5 wget -qO- http://192.0.2.1:8000/cgi-bin/peer && ip -4 -o addr show eth0"
         ),
     ]);
-    let mut lines = out.lines();
-    let peer = lines.next().unwrap_or_default().to_string();
-    assert!(peer.starts_with("10.91.0.") && peer != web, "{out}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 3, "{out}");
+    let peer = lines[0];
     assert!(
-        lines
-            .next()
-            .is_some_and(|l| l.contains(&format!("{peer}/24"))),
-        "the client's address is the one the server saw: {out}"
+        peer != web && lines[2].contains(&format!(" {peer}/")),
+        "the server saw the client's address: {out}"
     );
-    // The --rm container's DEL released its endpoint; removing web2 releases the other.
     assert_eq!(
-        until(10, || (endpoints(&env, "sy2").len() == 1).then_some(())),
+        lines[1], uplink_ip,
+        "the outside sees the uplink address: {out}"
+    );
+    // The --rm container's DEL released its endpoint.
+    assert_eq!(
+        until(10, || (endpoints(env, net).len() == 1).then_some(())),
         Some(()),
         "DEL on --rm"
     );
-    pm.ok(&["rm", "-f", "-t", "0", "web2"]);
+    web
+}
+
+/// `podman run -d --network NET --name NAME [-p PUBLISH] busybox httpd` (serving `/www`).
+fn run_web(pm: &Podman, net: &str, name: &str, publish: Option<&str>) -> Output {
+    let mut a = vec!["run", "-d", "--network", net, "--name", name];
+    if let Some(p) = publish {
+        a.extend_from_slice(&["-p", p]);
+    }
+    a.push("localhost/sy-busybox");
+    a.extend_from_slice(&HTTPD);
+    pm.podman(&a)
+}
+
+/// From the outside namespace, `url` (a published port's peer CGI) answers with the outside's
+/// own address: the container saw the client's address.
+fn keeps_client_address(env: &Env, ext: &Container, url: &str) {
     assert_eq!(
-        until(10, || endpoints(&env, "sy2").is_empty().then_some(())),
+        until(10, || wget_from(&ext.path, url)).as_deref(),
+        Some("192.0.2.1"),
+        "{url} from the outside\n{}",
+        env.log()
+    );
+}
+
+/// `podman rm` runs DEL: the network has no endpoint left and `url` no longer answers.
+fn removal_releases(
+    pm: &Podman,
+    env: &Env,
+    net: &str,
+    container: &str,
+    ext: &Container,
+    url: &str,
+) {
+    pm.ok(&["rm", "-f", "-t", "0", container]);
+    assert_eq!(
+        until(10, || endpoints(env, net).is_empty().then_some(())),
         Some(()),
         "DEL on removal: {:?}",
-        endpoints(&env, "sy2")
+        endpoints(env, net)
     );
+    assert_eq!(wget_from(&ext.path, url), None, "the port is released");
+}
+
+/// Rootful Podman in the daemon's namespace, the daemon with a raw uplink: `-p` works although
+/// conmon holds the host port in that namespace (the raw uplink takes published ports off the
+/// wire), and the container sees the client's address.
+#[test]
+fn podman_with_switchyard_cni() {
+    if !root() || podman_missing(&[]) {
+        return;
+    }
+    let t0 = Instant::now();
+    let mut env = Env::prepare(&UPLINK_ARGS);
+    let ext = env.outside();
+    env.start_daemon();
+    let _httpd = Httpd::start(&ext.path, &env.dir, "192.0.2.1:8000");
+    let pm = Podman::new(env.dir.join("p"), &env.host, false);
+    pm.conflist("sy2", "10.91.0.0/24", &env.socket);
+    pm.import_busybox(&env.dir);
+
+    let o = run_web(&pm, "sy2", "web2", Some("8080:80"));
+    assert!(o.status.success(), "{}", text(&o));
+    let web = two_containers_talk(&pm, &env, "sy2", "192.0.2.10");
+    assert!(web.starts_with("10.91.0."), "{web}");
+    let ep = cni_endpoint(&pm, "web2");
+    let ports = env.json(&["port", "sy2", &ep]);
+    assert_eq!(ports[0]["host_port"], 8080, "{ports}");
+    let url = "http://192.0.2.10:8080/cgi-bin/peer";
+    keeps_client_address(&env, &ext, url);
+    removal_releases(&pm, &env, "sy2", "web2", &ext, url);
     assert_eq!(stray_links(&env), Vec::<String>::new(), "no interface left");
     println!("podman end to end: {:.1}s", t0.elapsed().as_secs_f64());
+}
+
+/// Rootful Podman in the daemon's namespace, the daemon with the socket uplink: conmon's
+/// reservation of a `-p` host port and the uplink's listener for it would collide. The ADD fails
+/// with a CNI error that says so and what to do, and leaves nothing behind; without `-p` the
+/// container runs.
+#[test]
+fn podman_port_held_by_conmon_and_socket_uplink_is_a_clear_error() {
+    if !root() || podman_missing(&[]) {
+        return;
+    }
+    let env = Env::new(&[]);
+    let pm = Podman::new(env.dir.join("p"), &env.host, false);
+    pm.conflist("sy5", "10.95.0.0/24", &env.socket);
+    pm.import_busybox(&env.dir);
+    let o = run_web(&pm, "sy5", "web5", Some("8085:80"));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{}", text(&o));
+    assert!(
+        err.contains("8085:80/tcp")
+            && err.contains("conmon")
+            && err.contains("--uplink")
+            && err.contains("switchyard publish sy5")
+            && !err.contains("address already in use"),
+        "{err}"
+    );
+    assert!(endpoints(&env, "sy5").is_empty(), "nothing left behind");
+    pm.ok(&["rm", "-f", "-t", "0", "web5"]);
+    let o = run_web(&pm, "sy5", "web5", None);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(endpoints(&env, "sy5").len(), 1);
+}
+
+/// The switchyard daemon as the unprivileged user in namespace `netns`; stopped on drop.
+struct UserDaemon {
+    child: Child,
+}
+
+impl UserDaemon {
+    fn start(env: &Env) -> UserDaemon {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(env.dir.join("daemon.log"))
+            .unwrap();
+        let state = env.dir.join("user-state");
+        let mut child = Command::new("nsenter")
+            .arg(format!("--net={}", env.host.display()))
+            .args(AS_USER)
+            .args(["env", "-i", common::BIN, "daemon", "--log-level", "debug"])
+            .arg("--socket")
+            .arg(&env.socket)
+            .arg("--state-dir")
+            .arg(&state)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn daemon");
+        let ready = until(20, || {
+            if let Ok(Some(st)) = child.try_wait() {
+                panic!("daemon exited: {st}\n{}", env.log());
+            }
+            std::os::unix::net::UnixStream::connect(&env.socket).ok()
+        });
+        assert!(ready.is_some(), "daemon did not start\n{}", env.log());
+        UserDaemon { child }
+    }
+}
+
+impl Drop for UserDaemon {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        if until(10, || self.child.try_wait().ok().flatten()).is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Rootless Podman (uid 65534) with a rootless daemon (the same uid, socket uplink) in the test's
+/// "host" namespace, joined to an outside namespace by a veth. Podman runs the plugin in its
+/// rootless network and mount namespaces, where CNI_NETNS is a path the daemon cannot open: the
+/// plugin passes the namespace as an fd. `-p` is rootlessport's (the plugin leaves it alone; the
+/// container sees a forwarder's address); `switchyard publish` on the endpoint keeps the
+/// client's address.
+#[test]
+fn rootless_podman_with_switchyard_cni() {
+    if !root() || podman_missing(&["slirp4netns", "setpriv"]) {
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    // /dev/net/tun as distributions ship it (the rootless tests set it the same way).
+    let tun = Path::new("/dev/net/tun");
+    if std::fs::metadata(tun).is_ok_and(|m| m.permissions().mode() & 0o666 != 0o666) {
+        std::fs::set_permissions(tun, std::fs::Permissions::from_mode(0o20666)).unwrap();
+    }
+    let t0 = Instant::now();
+    let mut env = Env::prepare(&[]);
+    let ext = env.outside();
+    // The socket uplink uses the host's own sockets: the host has 192.0.2.10 on up0.
+    let host = switchyard_control::netns::NetNs::open(&env.host).unwrap();
+    switchyard_control::netns::run_in(&host, || {
+        let mut nl = switchyard_control::netlink::Netlink::open().unwrap();
+        let i = nl.link_index("up0").unwrap().unwrap();
+        nl.add_address(i, std::net::Ipv4Addr::new(192, 0, 2, 10), 24)
+            .unwrap();
+    })
+    .unwrap();
+    std::fs::set_permissions(&env.dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let _daemon = UserDaemon::start(&env);
+    let _httpd = Httpd::start(&ext.path, &env.dir, "192.0.2.1:8000");
+    let pm = Podman::new(env.dir.join("p"), &env.host, true);
+    pm.conflist("sy3", "10.92.0.0/24", &env.socket);
+    pm.import_busybox(&env.dir.join("img"));
+
+    let o = run_web(&pm, "sy3", "web3", Some("8082:80"));
+    assert!(o.status.success(), "{}", text(&o));
+    let eps = endpoints(&env, "sy3");
+    assert!(
+        eps[0]["netns"]
+            .as_str()
+            .is_some_and(|n| n.starts_with(pm.dir.join("run").to_str().unwrap())),
+        "the namespace is rootless Podman's: {eps:?}"
+    );
+    let web = two_containers_talk(&pm, &env, "sy3", "192.0.2.10");
+    assert!(web.starts_with("10.92.0."), "{web}");
+
+    // -p through rootlessport reaches the container.
+    let page = until(10, || wget_from(&ext.path, "http://192.0.2.10:8082/"));
+    assert_eq!(
+        page.as_deref(),
+        Some("hello from switchyard"),
+        "{}",
+        env.log()
+    );
+    // switchyard's own forward keeps the client's address.
+    let ep = cni_endpoint(&pm, "web3");
+    env.ok(&["publish", "sy3", &ep, "8083:80"]);
+    let url = "http://192.0.2.10:8083/cgi-bin/peer";
+    keeps_client_address(&env, &ext, url);
+    removal_releases(&pm, &env, "sy3", "web3", &ext, url);
+    println!(
+        "rootless podman end to end: {:.1}s",
+        t0.elapsed().as_secs_f64()
+    );
 }

@@ -5,8 +5,14 @@
 //! Config keys: `"type": "switchyard"`, `"network"` (created when absent if `"subnet"` and
 //! optionally `"gateway"` are given), `"socket"` (the control socket: Podman calls DEL from a
 //! clean-up process with a scrubbed environment), `"capabilities": {"portMappings": true}`.
+//!
+//! ADD hands the daemon the namespace as an open fd (`SCM_RIGHTS`), not only as a path: rootless
+//! Podman runs plugins in its own user, network and mount namespaces, where `CNI_NETNS` names
+//! something the daemon outside cannot open. Port mappings are published through switchyard by a
+//! rootful engine only; a rootless one forwards them itself (Podman's rootlessport).
 
 use std::io::Read;
+use std::os::fd::AsFd;
 use std::process::ExitCode;
 
 use serde::Deserialize;
@@ -111,6 +117,12 @@ fn endpoint_name(container: &str, ifname: &str) -> String {
     }
 }
 
+/// Are we in a user namespace other than the initial one (run by a rootless engine)?
+fn in_user_namespace() -> bool {
+    std::fs::read_to_string("/proc/self/uid_map")
+        .is_ok_and(|m| m.split_whitespace().collect::<Vec<_>>() != ["0", "0", "4294967295"])
+}
+
 fn run(cmd: &str, stdin: &[u8]) -> Result<Value, CniError> {
     if cmd == "VERSION" {
         return Ok(json!({ "cniVersion": "1.0.0", "supportedVersions": SUPPORTED }));
@@ -149,10 +161,15 @@ fn run(cmd: &str, stdin: &[u8]) -> Result<Value, CniError> {
                 )?,
                 Err(e) => return Err(e.into()),
             };
+            let rootless = in_user_namespace();
             let publish: Vec<String> = conf
                 .runtime_config
                 .port_mappings
                 .iter()
+                // A rootless engine forwards its ports itself (Podman's rootlessport, from the
+                // host into the container's namespace): publishing them too would take the
+                // host port it is about to bind.
+                .filter(|_| !rootless)
                 .map(|m| {
                     let ip = m
                         .host_ip
@@ -165,16 +182,24 @@ fn run(cmd: &str, stdin: &[u8]) -> Result<Value, CniError> {
                     }
                 })
                 .collect();
-            let e: EndpointInfo = c.call(
+            // The namespace goes along as an fd: rootless Podman runs us in a mount namespace of
+            // its own, where CNI_NETNS is a path the daemon outside cannot open.
+            let ns = std::fs::File::open(&netns)
+                .map_err(|e| CniError::new(4, format!("CNI_NETNS {netns}: {e}")))?;
+            let e: EndpointInfo = c.call_with_fd(
                 "endpoint.connect",
                 proto::Connect {
                     network: network.clone(),
                     netns: Some(netns.clone()),
+                    netns_fd: true,
+                    // Rootful Podman listens on every `-p` host port itself (conmon) to reserve it.
+                    engine_holds_ports: !publish.is_empty(),
                     name: Some(name),
                     ifname: Some(ifname.clone()),
                     publish,
                     ..Default::default()
                 },
+                ns.as_fd(),
             )?;
             Ok(json!({
                 "cniVersion": conf.cni_version,

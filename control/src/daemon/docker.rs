@@ -398,6 +398,7 @@ impl Daemon {
             ports: Vec::new(),
             docker_endpoint: Some(c.endpoint_id.clone()),
             aliases: Vec::new(),
+            ns_by_fd: false,
         };
         st.docker_pending.remove(&c.endpoint_id);
         st.net_mut(&network)?
