@@ -1095,6 +1095,12 @@ impl Daemon {
                     tm.insert("connections".into(), json!(t.len()));
                 }
                 m.insert("tcp".into(), tcp);
+                let (c, open) = dp.dns_upstream_tcp();
+                let mut up = serde_json::to_value(c).unwrap_or(Value::Null);
+                if let Value::Object(um) = &mut up {
+                    um.insert("open".into(), json!(open));
+                }
+                m.insert("upstream_tcp".into(), up);
             }
             v
         })?;

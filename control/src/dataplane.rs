@@ -542,11 +542,13 @@ fn run(mut poll: Poll, jobs: Receiver<Job>, mut st: DpState) {
                 return;
             }
         }
-        let mut dns_readable = false;
+        let (mut dns_readable, mut dns_tcp) = (false, false);
         for ev in events.iter() {
             let t = ev.token();
             if t == dns_io::DNS_TOKEN {
                 dns_readable = true;
+            } else if dns_io::is_tcp_token(t) {
+                dns_tcp = true;
             } else if t.0 >= TOKEN_BASE {
                 st.host_event(t);
             } else if t != WAKER && is_ready.insert(t) {
@@ -571,7 +573,7 @@ fn run(mut poll: Poll, jobs: Receiver<Job>, mut st: DpState) {
             }
         }
         st.host_flush();
-        st.dns_round(dns_readable);
+        st.dns_round(dns_readable, dns_tcp);
         if std::time::Instant::now() >= next_housekeeping {
             st.housekeeping();
             next_housekeeping = std::time::Instant::now() + HOUSEKEEPING;

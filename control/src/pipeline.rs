@@ -19,7 +19,9 @@ use switchyard_switch::{
 use switchyard_switch::gso::{segment_tcp4, VnetHdr, GSO_NONE, GSO_TCPV4};
 
 use crate::dns::packet::{ip_frame, tcp_to, udp_frame, udp_packet, udp_to, DNS_PORT};
-use crate::dns::{DnsConfig, DnsServer, DnsTcp, NetInfo, Output as DnsOut, TcpConfig, Transport};
+use crate::dns::{
+    DnsConfig, DnsServer, DnsTcp, NetInfo, Output as DnsOut, TcpConfig, Transport, UpstreamTcp,
+};
 use crate::error::{Error, Result};
 
 /// Where the pipeline sends a frame.
@@ -95,6 +97,10 @@ pub struct Pipeline {
     pub dns_tcp: DnsTcp,
     /// Upstream DNS queries waiting for a host socket (no raw uplink): (upstream, message).
     dns_host: Vec<(SocketAddrV4, Vec<u8>)>,
+    /// TCP exchanges with upstreams (after a truncated answer) from the raw uplink address.
+    pub dns_up_tcp: UpstreamTcp,
+    /// TCP exchanges waiting for a host socket (no raw uplink): (id, upstream, message).
+    dns_host_tcp: Vec<(u16, SocketAddrV4, Vec<u8>)>,
 }
 
 impl Pipeline {
@@ -110,6 +116,8 @@ impl Pipeline {
             dns: DnsServer::new(DnsConfig::default()),
             dns_tcp: DnsTcp::new(TcpConfig::default()),
             dns_host: Vec::new(),
+            dns_up_tcp: UpstreamTcp::new(DnsConfig::default().tcp_timeout, 0x0d75_7c9a),
+            dns_host_tcp: Vec::new(),
         }
     }
 
@@ -354,7 +362,9 @@ impl Pipeline {
         tx: &mut dyn FnMut(Out, &[u8]) -> bool,
     ) -> Verdict {
         self.host.clear();
-        if self.dns_reply_on_uplink(frame, meta, now, tx) {
+        if self.dns_reply_on_uplink(frame, meta, now, tx)
+            || self.dns_tcp_on_uplink(frame, meta, now, tx)
+        {
             return Verdict::Forwarded;
         }
         let mut emits = std::mem::take(&mut self.emits);
@@ -516,10 +526,14 @@ impl Pipeline {
 
     /// When the DNS timers ([`Self::dns_expire`]) have something to do next.
     pub fn dns_poll_at(&self) -> Option<Instant> {
-        match (self.dns.poll_timeout(), self.dns_tcp.poll_at()) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        [
+            self.dns.poll_timeout(),
+            self.dns_tcp.poll_at(),
+            self.dns_up_tcp.poll_at(),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     /// An upstream's answer to the uplink address: true when the DNS server took it.
@@ -548,6 +562,49 @@ impl Pipeline {
         true
     }
 
+    /// A TCP segment from an upstream to the uplink address for one of our exchanges: true
+    /// when it was one.
+    fn dns_tcp_on_uplink(
+        &mut self,
+        frame: &[u8],
+        meta: RxMeta,
+        now: Instant,
+        tx: &mut dyn FnMut(Out, &[u8]) -> bool,
+    ) -> bool {
+        if self.dns_up_tcp.is_empty() {
+            return false;
+        }
+        let Some(up) = self.router.uplink().copied() else {
+            return false;
+        };
+        let Ok(Some(s)) = tcp_to(frame, up.mac, up.addr, meta.partial_csum) else {
+            return false;
+        };
+        if !self.dns_up_tcp.takes(s.src, s.dst.port()) {
+            return false;
+        }
+        self.dns_up_tcp.segment(now, &frame[s.packet]);
+        self.dns_flush(now, tx);
+        true
+    }
+
+    /// The end of a TCP exchange with an upstream on a host socket: its answer or `None`.
+    pub fn dns_from_host_tcp(
+        &mut self,
+        id: u16,
+        answer: Option<&[u8]>,
+        now: Instant,
+        tx: &mut dyn FnMut(Out, &[u8]) -> bool,
+    ) {
+        self.dns.handle_upstream_tcp(now, id, answer);
+        self.dns_flush(now, tx);
+    }
+
+    /// TCP exchanges for host sockets: (id, upstream, DNS message).
+    pub fn dns_take_upstream_tcp(&mut self) -> Vec<(u16, SocketAddrV4, Vec<u8>)> {
+        std::mem::take(&mut self.dns_host_tcp)
+    }
+
     /// An upstream's answer received on a host socket.
     pub fn dns_from_host(
         &mut self,
@@ -565,6 +622,7 @@ impl Pipeline {
     pub fn dns_expire(&mut self, now: Instant, tx: &mut dyn FnMut(Out, &[u8]) -> bool) {
         self.dns.expire(now);
         self.dns_tcp.expire(now);
+        self.dns_up_tcp.expire(now);
         self.dns_flush(now, tx);
     }
 
@@ -597,7 +655,14 @@ impl Pipeline {
             for (net, pkt) in self.dns_tcp.take_packets() {
                 sent |= self.dns_tcp_send(net, &pkt, now, tx);
             }
-            if qs.is_empty() {
+            let results = self.dns_up_tcp.take_results();
+            for (id, answer) in &results {
+                self.dns.handle_upstream_tcp(now, *id, answer.as_deref());
+            }
+            for pkt in self.dns_up_tcp.take_packets() {
+                self.send_from_uplink_addr(&pkt, now, tx);
+            }
+            if qs.is_empty() && results.is_empty() {
                 return sent;
             }
         }
@@ -668,17 +733,39 @@ impl Pipeline {
                     match self.router.uplink().map(|u| u.addr) {
                         Some(addr) => {
                             let pkt = udp_packet(SocketAddrV4::new(addr, port), to, &payload);
-                            let mut emits = std::mem::take(&mut self.emits);
-                            emits.clear();
-                            self.router.send_from_uplink_addr(&pkt, now, &mut emits);
-                            self.deliver(&emits, now, tx);
-                            self.emits = emits;
+                            self.send_from_uplink_addr(&pkt, now, tx);
                         }
                         None => self.dns_host.push((to, payload)),
                     }
                 }
+                DnsOut::UpstreamTcp {
+                    id,
+                    to,
+                    port,
+                    payload,
+                } => match self.router.uplink().map(|u| u.addr) {
+                    Some(addr) => {
+                        let local = SocketAddrV4::new(addr, port);
+                        self.dns_up_tcp.open(now, id, local, to, &payload);
+                    }
+                    None => self.dns_host_tcp.push((id, to, payload)),
+                },
             }
         }
         replied
+    }
+
+    /// Our own packet (source: the uplink address) out of the raw uplink.
+    fn send_from_uplink_addr(
+        &mut self,
+        pkt: &[u8],
+        now: Instant,
+        tx: &mut dyn FnMut(Out, &[u8]) -> bool,
+    ) {
+        let mut emits = std::mem::take(&mut self.emits);
+        emits.clear();
+        self.router.send_from_uplink_addr(pkt, now, &mut emits);
+        self.deliver(&emits, now, tx);
+        self.emits = emits;
     }
 }

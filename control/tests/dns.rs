@@ -6,7 +6,8 @@
 
 mod common;
 
-use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, UdpSocket};
 use std::path::Path;
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -23,15 +24,98 @@ const EXTERNAL: &str = "external.test.";
 const EXTERNAL_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 77);
 
 /// A tiny authoritative server on `addr`:53 in `ns`: `external.test` has an A record, other
-/// types of it no data, everything else is NXDOMAIN. It notes who asked what.
+/// types of it no data; `bigN.test` (and `tcN.test`) have N A records, but over UDP only a
+/// truncated (TC) empty answer: the whole one is served over TCP (when `tcp`); everything else
+/// is NXDOMAIN. It notes who asked what (", tcp" for questions over TCP).
 struct Upstream {
     seen: Arc<Mutex<Vec<(SocketAddr, String)>>>,
     stop: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+/// The many addresses of `bigN.test`.
+fn big_ip(i: usize) -> Ipv4Addr {
+    Ipv4Addr::new(198, 51, 100, i as u8 + 1)
+}
+
+/// How many A records `name` has on the test upstream when it is a `bigN.`/`tcN.` name.
+fn big_count(name: &str) -> Option<usize> {
+    let rest = name
+        .strip_prefix("big")
+        .or_else(|| name.strip_prefix("tc"))?;
+    rest.strip_suffix(".test.")?.parse().ok()
+}
+
+/// The test upstream's answer to `q` (over TCP when `tcp`).
+fn respond(q: &Message, tcp: bool) -> Option<Message> {
+    let query = q.queries.first()?.clone();
+    let name = query.name().to_ascii().to_ascii_lowercase();
+    let mut r = Message::response(q.metadata.id, OpCode::Query);
+    r.metadata.recursion_desired = q.metadata.recursion_desired;
+    r.metadata.recursion_available = true;
+    r.add_query(query.clone());
+    if name == EXTERNAL {
+        if query.query_type() == RecordType::A {
+            r.add_answer(Record::from_rdata(
+                query.name().clone(),
+                120,
+                RData::A(A(EXTERNAL_IP)),
+            ));
+        }
+    } else if let Some(n) = big_count(&name) {
+        if query.query_type() == RecordType::A {
+            if !tcp {
+                r.metadata.truncation = true;
+                return Some(r);
+            }
+            for i in 0..n {
+                r.add_answer(Record::from_rdata(
+                    query.name().clone(),
+                    300,
+                    RData::A(A(big_ip(i))),
+                ));
+            }
+        }
+    } else {
+        r.metadata.response_code = ResponseCode::NXDomain;
+    }
+    if r.answers.is_empty() {
+        // Negative answers carry the zone's SOA: cacheable (RFC 2308).
+        let soa = SOA::new(
+            Name::from_ascii("ns.test.").unwrap(),
+            Name::from_ascii("admin.test.").unwrap(),
+            1,
+            3600,
+            600,
+            86400,
+            60,
+        );
+        r.add_authority(Record::from_rdata(
+            Name::from_ascii("test.").unwrap(),
+            60,
+            RData::SOA(soa),
+        ));
+    }
+    Some(r)
+}
+
+fn note(seen: &Mutex<Vec<(SocketAddr, String)>>, from: SocketAddr, q: &Message, tcp: bool) {
+    if let Some(query) = q.queries.first() {
+        let name = query.name().to_ascii().to_ascii_lowercase();
+        let how = if tcp { ", tcp" } else { "" };
+        seen.lock()
+            .unwrap()
+            .push((from, format!("{name} {}{how}", query.query_type())));
+    }
 }
 
 impl Upstream {
     fn start(ns: &NetNs, addr: Ipv4Addr) -> Upstream {
+        Upstream::start_with(ns, addr, true)
+    }
+
+    /// With `tcp` false nothing listens on TCP port 53 (connections are refused).
+    fn start_with(ns: &NetNs, addr: Ipv4Addr, tcp: bool) -> Upstream {
         let sock = run_in(ns, move || UdpSocket::bind((addr, 53)))
             .unwrap()
             .unwrap();
@@ -40,7 +124,7 @@ impl Upstream {
         let seen = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicBool::new(false));
         let (seen2, stop2) = (seen.clone(), stop.clone());
-        let thread = std::thread::spawn(move || {
+        let mut threads = vec![std::thread::spawn(move || {
             let mut buf = [0u8; 2048];
             while !stop2.load(Ordering::Relaxed) {
                 let Ok((n, from)) = sock.recv_from(&mut buf) else {
@@ -49,53 +133,55 @@ impl Upstream {
                 let Ok(q) = Message::from_vec(&buf[..n]) else {
                     continue;
                 };
-                let Some(query) = q.queries.first().cloned() else {
-                    continue;
-                };
-                let name = query.name().to_ascii().to_ascii_lowercase();
-                seen2
-                    .lock()
-                    .unwrap()
-                    .push((from, format!("{name} {}", query.query_type())));
-                let mut r = Message::response(q.metadata.id, OpCode::Query);
-                r.metadata.recursion_desired = q.metadata.recursion_desired;
-                r.metadata.recursion_available = true;
-                r.add_query(query.clone());
-                if name == EXTERNAL {
-                    if query.query_type() == RecordType::A {
-                        r.add_answer(Record::from_rdata(
-                            query.name().clone(),
-                            120,
-                            RData::A(A(EXTERNAL_IP)),
-                        ));
-                    }
-                } else {
-                    r.metadata.response_code = ResponseCode::NXDomain;
+                note(&seen2, from, &q, false);
+                if let Some(r) = respond(&q, false) {
+                    let _ = sock.send_to(&r.to_vec().unwrap(), from);
                 }
-                if r.answers.is_empty() {
-                    // Negative answers carry the zone's SOA: cacheable (RFC 2308).
-                    let soa = SOA::new(
-                        Name::from_ascii("ns.test.").unwrap(),
-                        Name::from_ascii("admin.test.").unwrap(),
-                        1,
-                        3600,
-                        600,
-                        86400,
-                        60,
-                    );
-                    r.add_authority(Record::from_rdata(
-                        Name::from_ascii("test.").unwrap(),
-                        60,
-                        RData::SOA(soa),
-                    ));
-                }
-                let _ = sock.send_to(&r.to_vec().unwrap(), from);
             }
-        });
+        })];
+        if tcp {
+            let l = run_in(ns, move || TcpListener::bind((addr, 53)))
+                .unwrap()
+                .unwrap();
+            l.set_nonblocking(true).unwrap();
+            let (seen2, stop2) = (seen.clone(), stop.clone());
+            threads.push(std::thread::spawn(move || {
+                while !stop2.load(Ordering::Relaxed) {
+                    let Ok((mut c, from)) = l.accept() else {
+                        std::thread::sleep(Duration::from_millis(20));
+                        continue;
+                    };
+                    let _ = c.set_nonblocking(false);
+                    let _ = c.set_read_timeout(Some(Duration::from_secs(2)));
+                    // Length-prefixed queries until the client closes.
+                    loop {
+                        let mut len = [0u8; 2];
+                        if c.read_exact(&mut len).is_err() {
+                            break;
+                        }
+                        let mut msg = vec![0u8; usize::from(u16::from_be_bytes(len))];
+                        if c.read_exact(&mut msg).is_err() {
+                            break;
+                        }
+                        let Ok(q) = Message::from_vec(&msg) else {
+                            break;
+                        };
+                        note(&seen2, from, &q, true);
+                        let Some(r) = respond(&q, true) else { break };
+                        let b = r.to_vec().unwrap();
+                        let mut out = (b.len() as u16).to_be_bytes().to_vec();
+                        out.extend_from_slice(&b);
+                        if c.write_all(&out).is_err() {
+                            break;
+                        }
+                    }
+                }
+            }));
+        }
         Upstream {
             seen,
             stop,
-            thread: Some(thread),
+            threads,
         }
     }
 
@@ -107,7 +193,7 @@ impl Upstream {
 impl Drop for Upstream {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
+        for t in self.threads.drain(..) {
             let _ = t.join();
         }
     }
@@ -502,4 +588,128 @@ fn tcp_lookups_and_truncated_answers_retried_over_tcp() {
     let dns = env.json(&["stats"])["dns"].clone();
     assert!(dns["truncated"].as_u64().unwrap() >= 1, "{dns}");
     assert!(dns["tcp_queries"].as_u64().unwrap() > before, "{dns}");
+}
+
+/// `getent hosts NAME` in `c`: the addresses, sorted.
+fn all_of(c: &Container, name: &str) -> Option<Vec<String>> {
+    getent(c, name).map(|mut v| {
+        v.sort();
+        v.dedup();
+        v
+    })
+}
+
+fn big_ips(n: usize) -> Vec<String> {
+    let mut v: Vec<String> = (0..n).map(|i| big_ip(i).to_string()).collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn truncated_upstream_answers_are_fetched_over_tcp_from_the_uplink_address() {
+    if !root() || !tools() {
+        return;
+    }
+    let mut env = Env::prepare(&UPLINK_ARGS);
+    let ext = env.outside();
+    let upstream = Upstream::start(&ext.ns, Ipv4Addr::new(192, 0, 2, 1));
+    env.start_daemon();
+    env.ok(&["network", "create", "tcnet", "--subnet", "10.94.0.0/24"]);
+    let c1 = env.container("c1");
+    let c2 = env.container("c2");
+    env.connect("tcnet", &c1, &[]);
+    env.connect("tcnet", &c2, &[]);
+
+    // Three records: the whole answer fits the client's datagram.
+    assert_eq!(all_of(&c1, "tc3.test"), Some(big_ips(3)));
+    // Forty: too big for 512 bytes, so the client gets TC, retries over TCP at the gateway and
+    // is answered from the cache, which holds the whole answer.
+    assert_eq!(all_of(&c1, "big40.test"), Some(big_ips(40)));
+    let seen = upstream.seen();
+    for name in ["tc3.test. A, tcp", "big40.test. A, tcp"] {
+        assert!(
+            seen.iter()
+                .any(|(from, q)| from.ip() == Ipv4Addr::new(192, 0, 2, 10) && q == name),
+            "{name}: {seen:?}"
+        );
+    }
+    let asked = seen.len();
+    assert_eq!(all_of(&c2, "big40.test"), Some(big_ips(40)));
+    assert_eq!(upstream.seen().len(), asked, "answered from the cache");
+    let dns = env.json(&["stats"])["dns"].clone();
+    assert!(
+        dns["upstream_tcp"]["answered"].as_u64().unwrap() >= 2,
+        "{dns}"
+    );
+    assert_eq!(dns["upstream_tcp"]["failed"].as_u64(), Some(0), "{dns}");
+    assert_eq!(dns["upstream_tcp_failed"].as_u64(), Some(0), "{dns}");
+    assert!(dns["tcp_queries"].as_u64().unwrap() >= 1, "{dns}");
+    // Local names still answer (nothing stalled).
+    assert_eq!(getent(&c1, "c2"), Some(vec!["10.94.0.3".to_string()]));
+}
+
+#[test]
+fn without_a_raw_uplink_truncated_answers_go_over_a_host_tcp_socket() {
+    if !root() || !tools() {
+        return;
+    }
+    // Two upstreams on the daemon's loopback: 127.0.0.1 answers TCP, 127.0.0.2 refuses it.
+    let mut env = Env::prepare(&["--dns", "127.0.0.1"]);
+    let host = NetNs::open(&env.host).unwrap();
+    run_in(&host, || {
+        let mut nl = switchyard_control::netlink::Netlink::open().unwrap();
+        nl.set_up(1).unwrap();
+    })
+    .unwrap();
+    let upstream = Upstream::start(&host, Ipv4Addr::LOCALHOST);
+    env.start_daemon();
+    env.ok(&["network", "create", "tcsock", "--subnet", "10.95.0.0/24"]);
+    let s1 = env.container("s1");
+    env.connect("tcsock", &s1, &[]);
+    assert_eq!(all_of(&s1, "big30.test"), Some(big_ips(30)));
+    assert_eq!(all_of(&s1, "tc2.test"), Some(big_ips(2)));
+    let seen = upstream.seen();
+    assert!(
+        seen.iter()
+            .any(|(from, q)| from.ip() == Ipv4Addr::LOCALHOST && q == "big30.test. A, tcp"),
+        "{seen:?}"
+    );
+    let dns = env.json(&["stats"])["dns"].clone();
+    assert!(
+        dns["upstream_tcp"]["answered"].as_u64().unwrap() >= 2,
+        "{dns}"
+    );
+    drop(upstream);
+    drop(env);
+
+    // An upstream that refuses TCP: SERVFAIL for that name, quickly, and nothing else stalls.
+    let mut env = Env::prepare(&["--dns", "127.0.0.2"]);
+    let host = NetNs::open(&env.host).unwrap();
+    run_in(&host, || {
+        let mut nl = switchyard_control::netlink::Netlink::open().unwrap();
+        nl.set_up(1).unwrap();
+    })
+    .unwrap();
+    let upstream = Upstream::start_with(&host, Ipv4Addr::new(127, 0, 0, 2), false);
+    env.start_daemon();
+    env.ok(&["network", "create", "tcref", "--subnet", "10.96.0.0/24"]);
+    let r1 = env.container("r1");
+    let e = env.connect("tcref", &r1, &[]);
+    let asked = std::time::Instant::now();
+    let r = ask_udp(&r1, "10.96.0.1:53", &query(42, "big30.test"));
+    let r = r.expect("an answer");
+    assert_eq!(r.metadata.response_code, ResponseCode::ServFail, "{r:?}");
+    assert!(
+        asked.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        asked.elapsed()
+    );
+    assert_eq!(getent(&r1, "r1"), Some(vec![ip_of(&e).to_string()]));
+    assert_eq!(
+        getent(&r1, "external.test"),
+        Some(vec![EXTERNAL_IP.to_string()])
+    );
+    let dns = env.json(&["stats"])["dns"].clone();
+    assert!(dns["upstream_tcp_failed"].as_u64().unwrap() >= 1, "{dns}");
+    drop(upstream);
 }

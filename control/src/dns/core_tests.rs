@@ -698,3 +698,177 @@ proptest! {
         s.drain();
     }
 }
+
+/// An upstream answer to `q` with `n` A records, TC set or not.
+fn many_for(q: &Message, n: u8, tc: bool) -> Vec<u8> {
+    let mut m = Message::response(q.metadata.id, OpCode::Query);
+    m.metadata.recursion_available = true;
+    m.metadata.truncation = tc;
+    m.add_query(q.queries[0].clone());
+    if !tc {
+        for i in 0..n {
+            m.add_answer(Record::from_rdata(
+                q.queries[0].name().clone(),
+                300,
+                RData::A(A(Ipv4Addr::new(203, 0, 113, i))),
+            ));
+        }
+    }
+    m.to_vec().unwrap()
+}
+
+/// The one TCP exchange the last call asked for: (id, upstream, port, message).
+fn upstream_tcp(s: &mut DnsServer) -> (u16, SocketAddrV4, u16, Message) {
+    let out: Vec<Output> = s.drain().collect();
+    assert_eq!(out.len(), 1, "{out:?}");
+    match out.into_iter().next().unwrap() {
+        Output::UpstreamTcp {
+            id,
+            to,
+            port,
+            payload,
+        } => (id, to, port, Message::from_vec(&payload).unwrap()),
+        o => panic!("expected a TCP exchange, got {o:?}"),
+    }
+}
+
+fn reply_of(s: &mut DnsServer) -> (Transport, Message) {
+    let out: Vec<Output> = s.drain().collect();
+    assert_eq!(out.len(), 1, "{out:?}");
+    match out.into_iter().next().unwrap() {
+        Output::Reply {
+            transport, payload, ..
+        } => (transport, Message::from_vec(&payload).unwrap()),
+        o => panic!("expected a reply, got {o:?}"),
+    }
+}
+
+#[test]
+fn truncated_upstream_answers_are_asked_again_over_tcp() {
+    let mut s = with_upstreams();
+    s.handle_query(
+        t(0),
+        NET_A,
+        GW_A,
+        client(C1),
+        &query(7, "big.example", RecordType::A),
+        1472,
+    );
+    let (to, port, q) = upstream(&mut s);
+    // TC from the upstream: not passed on, asked again over TCP to the same upstream.
+    s.handle_upstream(t(10), to, Some(port), &many_for(&q, 0, true));
+    let (id, tto, tport, tq) = upstream_tcp(&mut s);
+    assert_eq!((id, tto, tport), (q.metadata.id, to, port));
+    assert_eq!(tq.queries, q.queries);
+    assert_eq!(s.counters().upstream_tcp, 1);
+    // A late UDP answer does not end it now.
+    s.handle_upstream(t(20), to, Some(port), &many_for(&q, 3, false));
+    assert_eq!(s.drain().count(), 0);
+    assert!(!s.expects(to, port));
+    // The whole answer over TCP: 5 records fit the client's 512 bytes, all sent over UDP.
+    s.handle_upstream_tcp(t(30), id, Some(&many_for(&tq, 5, false)));
+    let (tr, r) = reply_of(&mut s);
+    assert_eq!(tr, Transport::Udp);
+    assert_eq!(r.metadata.id, 7);
+    assert!(!r.metadata.truncation);
+    assert_eq!(a_records(&r).len(), 5);
+    assert_eq!(s.pending_len(), 0);
+    // A second TCP answer for it is nobody's.
+    s.handle_upstream_tcp(t(40), id, Some(&many_for(&tq, 5, false)));
+    assert_eq!(s.drain().count(), 0);
+}
+
+#[test]
+fn a_whole_answer_too_big_for_the_client_is_truncated_then_served_over_tcp_from_the_cache() {
+    let mut s = with_upstreams();
+    s.handle_query(
+        t(0),
+        NET_A,
+        GW_A,
+        client(C1),
+        &query(8, "big.example", RecordType::A),
+        1472,
+    );
+    let (to, port, q) = upstream(&mut s);
+    s.handle_upstream(t(10), to, Some(port), &many_for(&q, 0, true));
+    let (id, _, _, tq) = upstream_tcp(&mut s);
+    // 60 records: more than a 512-byte datagram holds.
+    s.handle_upstream_tcp(t(20), id, Some(&many_for(&tq, 60, false)));
+    let (_, r) = reply_of(&mut s);
+    assert!(r.metadata.truncation);
+    assert_eq!(s.counters().truncated, 1);
+    // The client's retry over TCP at the gateway: all of it, from the cache.
+    s.handle_query_tcp(
+        t(30),
+        NET_A,
+        GW_A,
+        client(C1),
+        4,
+        &query(9, "big.example", RecordType::A),
+    );
+    let (tr, r) = reply_of(&mut s);
+    assert_eq!(tr, Transport::Tcp(4));
+    assert!(!r.metadata.truncation);
+    assert_eq!(a_records(&r).len(), 60);
+    assert_eq!(s.counters().cache_hits, 1);
+    assert_eq!(s.counters().forwarded, 1);
+}
+
+#[test]
+fn a_failed_or_hung_or_bad_tcp_exchange_is_servfail() {
+    let mut s = with_upstreams();
+    let start = |s: &mut DnsServer, id: u16, at: u64| {
+        let name = format!("h{id}.example");
+        s.handle_query(
+            t(at),
+            NET_A,
+            GW_A,
+            client(C1),
+            &query(id, &name, RecordType::A),
+            1472,
+        );
+        let (to, port, q) = upstream(s);
+        s.handle_upstream(t(at), to, Some(port), &many_for(&q, 0, true));
+        upstream_tcp(s)
+    };
+    // Refused or reset: SERVFAIL at once.
+    let (id, ..) = start(&mut s, 1, 0);
+    s.handle_upstream_tcp(t(5), id, None);
+    let (_, r) = reply_of(&mut s);
+    assert_eq!(
+        (r.metadata.id, r.metadata.response_code),
+        (1, ResponseCode::ServFail)
+    );
+    // An answer to another question, or still truncated: SERVFAIL.
+    let (id, _, _, tq) = start(&mut s, 2, 0);
+    let other = Message::from_vec(&query(id, "other.example", RecordType::A)).unwrap();
+    s.handle_upstream_tcp(t(5), id, Some(&many_for(&other, 1, false)));
+    assert_eq!(
+        reply_of(&mut s).1.metadata.response_code,
+        ResponseCode::ServFail
+    );
+    let (id, _, _, tq2) = start(&mut s, 3, 0);
+    s.handle_upstream_tcp(t(5), id, Some(&many_for(&tq2, 0, true)));
+    assert_eq!(
+        reply_of(&mut s).1.metadata.response_code,
+        ResponseCode::ServFail
+    );
+    let _ = tq;
+    // Hung: SERVFAIL at the TCP timeout, and no retry over UDP.
+    let (id, ..) = start(&mut s, 4, 100);
+    let due = t(100) + DnsConfig::default().tcp_timeout;
+    assert_eq!(s.poll_timeout(), Some(due));
+    s.expire(due - switchyard_switch::Duration::from_millis(1));
+    assert_eq!(s.drain().count(), 0);
+    s.expire(due);
+    let (_, r) = reply_of(&mut s);
+    assert_eq!(
+        (r.metadata.id, r.metadata.response_code),
+        (4, ResponseCode::ServFail)
+    );
+    s.handle_upstream_tcp(due, id, None);
+    assert_eq!(s.drain().count(), 0);
+    assert_eq!(s.counters().upstream_tcp, 4);
+    assert_eq!(s.counters().upstream_tcp_failed, 4);
+    assert_eq!(s.pending_len(), 0);
+}

@@ -16,9 +16,12 @@
 //! - [`packet`]: UDP/IPv4 framing around it.
 //! - [`tcp`]: DNS over TCP at the same gateways (RFC 7766), one smoltcp socket per
 //!   connection; complete queries go to the same core, answers come back by connection id.
+//! - [`upstream_tcp`]: DNS over TCP toward an upstream whose UDP answer came truncated.
 //!
 //! Answers that do not fit a datagram go out with TC set; the client's TCP retry gets them
-//! whole. (Upstream queries are UDP only: an upstream's truncated answer is passed on.)
+//! whole. An upstream's truncated UDP answer is asked again over TCP (from the uplink address
+//! with the raw uplink, through a host TCP socket otherwise); the whole answer is cached, so
+//! the client's own TCP retry at the gateway is answered from the cache.
 
 #[cfg(test)]
 mod core_tests;
@@ -30,6 +33,7 @@ pub mod table;
 pub mod tcp;
 #[cfg(test)]
 mod tcp_tests;
+pub mod upstream_tcp;
 
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::path::Path;
@@ -37,6 +41,7 @@ use std::path::Path;
 pub use server::{DnsConfig, DnsCounters, DnsServer, Output, Transport};
 pub use table::{normalize, Names, NetInfo, Reverse};
 pub use tcp::{DnsTcp, TcpConfig, TcpCounters, TcpQuery};
+pub use upstream_tcp::{Exchange, UpstreamTcp, UpstreamTcpCounters};
 
 /// The nameservers of a resolv.conf text (IPv4 only: the dataplane forwards over IPv4).
 pub fn parse_resolv_conf(text: &str) -> Vec<Ipv4Addr> {

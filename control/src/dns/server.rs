@@ -35,6 +35,9 @@ pub struct DnsConfig {
     pub timeout: Duration,
     /// Tries per query (the first upstream, then the next ones in turn), then SERVFAIL.
     pub attempts: u8,
+    /// An upstream's truncated UDP answer is asked again over TCP, with this long for the
+    /// whole exchange (connect, query, answer); then SERVFAIL.
+    pub tcp_timeout: Duration,
     /// Forwarded queries outstanding at most; more get SERVFAIL.
     pub max_pending: usize,
     /// Cached answers at most.
@@ -63,6 +66,7 @@ impl Default for DnsConfig {
             upstreams: Vec::new(),
             timeout: Duration::from_secs(2),
             attempts: 2,
+            tcp_timeout: Duration::from_secs(3),
             max_pending: 1024,
             cache_max: 4096,
             cache_max_ttl: 3600,
@@ -107,6 +111,15 @@ pub enum Output {
         port: u16,
         payload: Vec<u8>,
     },
+    /// The same question again over TCP to upstream `to` (its UDP answer came truncated), from
+    /// local port `port` (raw uplink), as exchange `id`: one message out, one back, reported
+    /// through [`DnsServer::handle_upstream_tcp`]. `payload` is the bare message (no prefix).
+    UpstreamTcp {
+        id: u16,
+        to: SocketAddrV4,
+        port: u16,
+        payload: Vec<u8>,
+    },
 }
 
 /// Counters, one per outcome (for `switchyard stats`).
@@ -124,6 +137,10 @@ pub struct DnsCounters {
     pub upstream_retries: u64,
     /// Replies from upstream that matched no pending query (late, spoofed, garbage).
     pub upstream_unmatched: u64,
+    /// Truncated upstream answers asked again over TCP, and those exchanges that failed
+    /// (refused, reset, timed out, no room for a connection, a bad answer): SERVFAIL.
+    pub upstream_tcp: u64,
+    pub upstream_tcp_failed: u64,
     pub servfail: u64,
     pub formerr: u64,
     pub refused: u64,
@@ -169,6 +186,8 @@ struct Pending {
     port: u16,
     tries: u8,
     deadline: Instant,
+    /// Asked again over TCP (after a truncated answer): only that exchange answers it now.
+    tcp: bool,
 }
 
 impl Pending {
@@ -264,7 +283,7 @@ impl DnsServer {
     pub fn expects(&self, from: SocketAddrV4, port: u16) -> bool {
         self.pending
             .values()
-            .any(|p| p.port == port && self.cfg.upstreams.get(p.upstream) == Some(&from))
+            .any(|p| !p.tcp && p.port == port && self.cfg.upstreams.get(p.upstream) == Some(&from))
     }
 
     /// When [`Self::expire`] has something to do next.
@@ -541,6 +560,7 @@ impl DnsServer {
             port,
             tries: 1,
             deadline: now + self.cfg.timeout,
+            tcp: false,
         };
         self.send_upstream(uid, &p);
         self.by_client.insert(ck, uid);
@@ -558,14 +578,7 @@ impl DnsServer {
         let Some(to) = self.cfg.upstreams.get(p.upstream).copied() else {
             return;
         };
-        let mut m = Message::new(uid, MessageType::Query, OpCode::Query);
-        m.metadata.recursion_desired = true;
-        m.metadata.checking_disabled = false;
-        m.add_query(p.query.clone());
-        let mut e = Edns::new();
-        e.set_max_payload(EDNS_PAYLOAD);
-        m.set_edns(e);
-        if let Ok(payload) = m.to_vec() {
+        if let Some(payload) = upstream_query(uid, &p.query) {
             self.out.push(Output::Upstream {
                 to,
                 port: p.port,
@@ -623,21 +636,61 @@ impl DnsServer {
         };
         let uid = m.metadata.id;
         let matched = self.pending.get(&uid).is_some_and(|p| {
-            m.metadata.message_type == MessageType::Response
+            !p.tcp
                 && self.cfg.upstreams.get(p.upstream) == Some(&from)
                 && port.is_none_or(|x| x == p.port)
-                && m.queries.len() == 1
-                && m.queries[0].query_type() == p.query.query_type()
-                && m.queries[0].query_class() == p.query.query_class()
-                && m.queries[0]
-                    .name()
-                    .to_ascii()
-                    .eq_ignore_ascii_case(&p.query.name().to_ascii())
+                && answers(&m, &p.query)
         });
         if !matched {
             self.counters.upstream_unmatched += 1;
             return;
         }
+        if m.metadata.truncation {
+            // The whole answer is only to be had over TCP (RFC 7766 5): ask again there.
+            if let Some(p) = self.pending.get_mut(&uid) {
+                p.tcp = true;
+                p.deadline = now + self.cfg.tcp_timeout;
+                let (to, port) = (from, p.port);
+                let payload = upstream_query(uid, &p.query);
+                self.counters.upstream_tcp += 1;
+                if let Some(payload) = payload {
+                    self.out.push(Output::UpstreamTcp {
+                        id: uid,
+                        to,
+                        port,
+                        payload,
+                    });
+                }
+            }
+            return;
+        }
+        self.answer(now, uid, m);
+    }
+
+    /// The end of TCP exchange `id` ([`Output::UpstreamTcp`]): the answer, or `None` when it
+    /// failed (refused, reset, closed early, timed out, no connection to be had).
+    pub fn handle_upstream_tcp(&mut self, now: Instant, id: u16, answer: Option<&[u8]>) {
+        let Some(p) = self.pending.get(&id).filter(|p| p.tcp) else {
+            if answer.is_some() {
+                self.counters.upstream_unmatched += 1;
+            }
+            return;
+        };
+        let m = answer
+            .and_then(|a| Message::from_vec(a).ok())
+            .filter(|m| m.metadata.id == id && !m.metadata.truncation && answers(m, &p.query));
+        match m {
+            Some(m) => self.answer(now, id, m),
+            None => {
+                self.counters.upstream_tcp_failed += 1;
+                self.fail(id);
+            }
+        }
+    }
+
+    /// Pending query `uid`'s upstream answer `m` (checked): cached, and sent to the client
+    /// under its id.
+    fn answer(&mut self, now: Instant, uid: u16, m: Message) {
         let Some(p) = self.pending.remove(&uid) else {
             return;
         };
@@ -663,6 +716,21 @@ impl DnsServer {
             self.counters.nxdomain += 1;
         }
         self.send_reply(to, r, p.max_udp);
+    }
+
+    /// Give up on pending query `uid`: SERVFAIL to its client.
+    fn fail(&mut self, uid: u16) {
+        let Some(p) = self.pending.remove(&uid) else {
+            return;
+        };
+        self.by_client.remove(&p.key);
+        let mut m = Message::error_msg(p.key.id, OpCode::Query, ResponseCode::ServFail);
+        m.metadata.recursion_available = true;
+        m.metadata.recursion_desired = true;
+        let to = p.dest();
+        m.add_query(p.query);
+        self.counters.servfail += 1;
+        self.send_reply(to, m, p.max_udp);
     }
 
     fn store(&mut self, q: &Query, m: &Message, now: Instant) {
@@ -730,6 +798,12 @@ impl DnsServer {
                 continue;
             };
             self.counters.upstream_timeouts += 1;
+            if p.tcp {
+                self.counters.upstream_tcp_failed += 1;
+                self.pending.insert(uid, p);
+                self.fail(uid);
+                continue;
+            }
             if p.tries < self.cfg.attempts && !self.cfg.upstreams.is_empty() {
                 p.tries += 1;
                 p.upstream = (p.upstream + 1) % self.cfg.upstreams.len();
@@ -739,14 +813,8 @@ impl DnsServer {
                 self.pending.insert(uid, p);
                 continue;
             }
-            self.by_client.remove(&p.key);
-            let mut m = Message::error_msg(p.key.id, OpCode::Query, ResponseCode::ServFail);
-            m.metadata.recursion_available = true;
-            m.metadata.recursion_desired = true;
-            let to = p.dest();
-            m.add_query(p.query);
-            self.counters.servfail += 1;
-            self.send_reply(to, m, p.max_udp);
+            self.pending.insert(uid, p);
+            self.fail(uid);
         }
         if self.cache.len() * 2 >= self.cfg.cache_max {
             self.cache.retain(|_, c| c.expires > now);
@@ -782,6 +850,30 @@ impl DnsServer {
     pub fn set_network(&mut self, net: NetworkId, info: NetInfo) {
         self.names.set_network(net, info);
     }
+}
+
+/// Our query to an upstream: id `uid`, recursion desired, EDNS with our payload size.
+fn upstream_query(uid: u16, q: &Query) -> Option<Vec<u8>> {
+    let mut m = Message::new(uid, MessageType::Query, OpCode::Query);
+    m.metadata.recursion_desired = true;
+    m.metadata.checking_disabled = false;
+    m.add_query(q.clone());
+    let mut e = Edns::new();
+    e.set_max_payload(EDNS_PAYLOAD);
+    m.set_edns(e);
+    m.to_vec().ok()
+}
+
+/// Is `m` a response to question `q` (type, class, name in any case)?
+fn answers(m: &Message, q: &Query) -> bool {
+    m.metadata.message_type == MessageType::Response
+        && m.queries.len() == 1
+        && m.queries[0].query_type() == q.query_type()
+        && m.queries[0].query_class() == q.query_class()
+        && m.queries[0]
+            .name()
+            .to_ascii()
+            .eq_ignore_ascii_case(&q.name().to_ascii())
 }
 
 /// The IPv4 address of `d.c.b.a.in-addr.arpa` (normalised, no trailing dot).
