@@ -1100,7 +1100,7 @@ impl Daemon {
                 if let Value::Object(um) = &mut up {
                     um.insert("open".into(), json!(open));
                 }
-                m.insert("upstream_tcp".into(), up);
+                m.insert("tcp_upstream".into(), up);
             }
             v
         })?;

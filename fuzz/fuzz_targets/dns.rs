@@ -5,7 +5,9 @@
 //! seeds). Odd: the rest is a sequence of operations: queries, upstream replies (garbage or
 //! well-formed answers to what was forwarded), names added and removed, time passing.
 //! Operations also drive the TCP side (`DnsTcp`): arbitrary segments for the gateway's port
-//! 53 (smoltcp and our framing), queries tagged with a connection, timers.
+//! 53 (smoltcp and our framing), queries tagged with a connection, timers; and the upstream
+//! TCP exchanges after a truncated answer (`UpstreamTcp`): their answers (well-formed, garbage,
+//! failures) and arbitrary segments to the uplink address's client sockets.
 //! Never a panic; every reply parses, is a response, fits the client's size (a datagram, or
 //! a TCP message); the pending table, the cache and the connections stay within their bounds.
 
@@ -17,7 +19,7 @@ use hickory_proto::rr::rdata::A;
 use hickory_proto::rr::{RData, Record};
 use libfuzzer_sys::fuzz_target;
 use switchyard_control::dns::{
-    DnsConfig, DnsServer, DnsTcp, NetInfo, Output, TcpConfig, Transport,
+    DnsConfig, DnsServer, DnsTcp, NetInfo, Output, TcpConfig, Transport, UpstreamTcp,
 };
 use switchyard_switch::{Instant, NetworkId};
 
@@ -62,6 +64,18 @@ enum Op {
         conn: u8,
         bytes: Vec<u8>,
     },
+    /// The end of the most recent upstream TCP exchange: a well-formed answer with `records`,
+    /// the bytes given, or a failure (`None`).
+    TcpAnswer {
+        records: u8,
+        truncated: bool,
+        bytes: Option<Vec<u8>>,
+        well_formed: bool,
+    },
+    /// A TCP segment (bare IPv4 packet) to the uplink address, for the exchanges' sockets.
+    UpstreamSegment {
+        bytes: Vec<u8>,
+    },
     AddName {
         host: u8,
         name: String,
@@ -92,7 +106,11 @@ struct Harness {
     tcp: DnsTcp,
     now: Instant,
     last_upstream: Option<(SocketAddrV4, u16, Vec<u8>)>,
+    up_tcp: UpstreamTcp,
+    last_tcp: Option<(u16, Vec<u8>)>,
 }
+
+const UPLINK: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 10);
 
 impl Harness {
     fn new() -> Self {
@@ -123,6 +141,8 @@ impl Harness {
             }),
             now: Instant::from_millis(0),
             last_upstream: None,
+            up_tcp: UpstreamTcp::new(switchyard_switch::Duration::from_secs(3), 1),
+            last_tcp: None,
         }
     }
 
@@ -198,7 +218,41 @@ impl Harness {
                     assert_eq!(m.queries.len(), 1);
                     self.last_upstream = Some((to, port, payload));
                 }
+                Output::UpstreamTcp {
+                    id,
+                    to,
+                    port,
+                    payload,
+                } => {
+                    assert!(UP.contains(&to));
+                    let m = Message::from_vec(&payload).expect("upstream queries parse");
+                    assert_eq!(m.metadata.id, id);
+                    let local = SocketAddrV4::new(UPLINK, port);
+                    self.up_tcp.open(self.now, id, local, to, &payload);
+                    self.last_tcp = Some((id, payload));
+                }
             }
+        }
+    }
+}
+
+impl Harness {
+    /// The exchanges' ends to the core, their packets checked.
+    fn pump_up_tcp(&mut self) {
+        for _ in 0..8 {
+            for p in self.up_tcp.take_packets() {
+                assert!(p.len() >= 40 && p[0] >> 4 == 4 && p[9] == 6);
+                assert_eq!(p[12..16], UPLINK.octets());
+            }
+            let results = self.up_tcp.take_results();
+            if results.is_empty() {
+                return;
+            }
+            for (id, answer) in results {
+                self.s.handle_upstream_tcp(self.now, id, answer.as_deref());
+            }
+            self.check(1472);
+            assert!(self.up_tcp.len() <= switchyard_control::dns::upstream_tcp::MAX_EXCHANGES);
         }
     }
 }
@@ -272,6 +326,40 @@ fn ops(data: &[u8]) {
                 h.check(1472);
                 h.tcp.expire(h.now);
                 h.pump_tcp();
+                h.up_tcp.expire(h.now);
+                h.pump_up_tcp();
+            }
+            Op::TcpAnswer {
+                records,
+                truncated,
+                bytes,
+                well_formed,
+            } => {
+                let Some((id, q)) = h.last_tcp.clone() else {
+                    continue;
+                };
+                let answer = match (well_formed, bytes) {
+                    (true, _) => Message::from_vec(&q).ok().and_then(|q| {
+                        let mut r = Message::response(id, OpCode::Query);
+                        r.metadata.truncation = truncated;
+                        r.queries = q.queries.clone();
+                        for i in 0..records.min(200) {
+                            r.add_answer(Record::from_rdata(
+                                q.queries[0].name().clone(),
+                                60,
+                                RData::A(A(Ipv4Addr::new(203, 0, 113, i))),
+                            ));
+                        }
+                        r.to_vec().ok()
+                    }),
+                    (false, b) => b,
+                };
+                h.s.handle_upstream_tcp(h.now, id, answer.as_deref());
+                h.check(1472);
+            }
+            Op::UpstreamSegment { bytes } => {
+                h.up_tcp.segment(h.now, &bytes);
+                h.pump_up_tcp();
             }
             Op::TcpSegment { client, syn, bytes } => {
                 let c = SocketAddrV4::new(Ipv4Addr::new(10, 1, 0, client % 4), 40_000);
