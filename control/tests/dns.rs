@@ -714,3 +714,121 @@ fn without_a_raw_uplink_truncated_answers_go_over_a_host_tcp_socket() {
     assert!(dns["upstream_tcp_failed"].as_u64().unwrap() >= 1, "{dns}");
     drop(upstream);
 }
+
+/// A query on the wire, built by hand (so it may hold what no name parser would make).
+fn raw_query(id: u16, labels: &[&[u8]], qtype: u16, qclass: u16) -> Vec<u8> {
+    let mut q = id.to_be_bytes().to_vec();
+    q.extend_from_slice(&[0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0]);
+    for l in labels {
+        q.push(l.len() as u8);
+        q.extend_from_slice(l);
+    }
+    q.push(0);
+    q.extend_from_slice(&qtype.to_be_bytes());
+    q.extend_from_slice(&qclass.to_be_bytes());
+    q
+}
+
+#[test]
+fn odd_queries_are_refused_or_counted_and_a_flood_is_rate_limited_per_client() {
+    if !root() || !tools() {
+        return;
+    }
+    let mut env = Env::new(&[]);
+    // MTU 9000: an oversized query (above 4096 bytes) still fits one unfragmented datagram.
+    env.ok(&[
+        "network",
+        "create",
+        "oddnet",
+        "--subnet",
+        "10.97.0.0/24",
+        "--mtu",
+        "9000",
+    ]);
+    let o1 = env.container("o1");
+    let o2 = env.container("o2");
+    let e1 = env.connect("oddnet", &o1, &[]);
+    env.connect("oddnet", &o2, &[]);
+    let gw = "10.97.0.1:53";
+    // A local name's AAAA: no error, no data.
+    let r = ask_udp(&o2, gw, &raw_query(1, &[b"o1"], 28, 1)).expect("an answer");
+    assert_eq!(r.metadata.response_code, ResponseCode::NoError);
+    assert!(r.answers.is_empty());
+    // Names no hostname has (a space, a control byte, a non-ASCII byte), another class, a zone
+    // transfer: REFUSED.
+    for (i, q) in [
+        raw_query(2, &[b"we b", b"test"], 1, 1),
+        raw_query(3, &[b"a\x01b", b"test"], 1, 1),
+        raw_query(4, &[b"caf\xc3\xa9", b"test"], 1, 1),
+        raw_query(5, &[b"version", b"bind"], 16, 3),
+        raw_query(6, &[b"test"], 252, 1),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let r = ask_udp(&o2, gw, q).unwrap_or_else(|| panic!("query {i}: no answer"));
+        assert_eq!(r.metadata.response_code, ResponseCode::Refused, "query {i}");
+    }
+    // Malformed: a question cut short gets FORMERR; oversized is dropped without a word.
+    let mut cut = raw_query(7, &[b"o1"], 1, 1);
+    cut.truncate(cut.len() - 3);
+    let r = ask_udp(&o2, gw, &cut).expect("an answer");
+    assert_eq!(r.metadata.response_code, ResponseCode::FormErr);
+    let mut big = raw_query(8, &[b"o1"], 1, 1);
+    big.resize(5000, 0);
+    assert!(ask_udp(&o2, gw, &big).is_none());
+    let dns = env.json(&["stats"])["dns"].clone();
+    assert!(dns["refused"].as_u64().unwrap() >= 5, "{dns}");
+    assert!(dns["formerr"].as_u64().unwrap() >= 1, "{dns}");
+    assert!(dns["oversize_dropped"].as_u64().unwrap() >= 1, "{dns}");
+
+    // A flood from o2 (1000 queries at once, above the 400 burst): the rest are dropped and
+    // counted; o1 is still answered.
+    let answered = run_in(&o2.ns, move || {
+        let s = UdpSocket::bind("0.0.0.0:0").unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(500)))
+            .unwrap();
+        for i in 0..1000u16 {
+            let _ = s.send_to(&raw_query(i, &[b"o1"], 1, 1), gw);
+        }
+        let mut buf = [0u8; 1500];
+        let mut n = 0;
+        while s.recv(&mut buf).is_ok() {
+            n += 1;
+        }
+        n
+    })
+    .unwrap();
+    assert!((1..1000).contains(&answered), "{answered} of 1000 answered");
+    let dns = env.json(&["stats"])["dns"].clone();
+    assert!(dns["rate_limited"].as_u64().unwrap() >= 500, "{dns}");
+    assert_eq!(getent(&o1, "o1"), Some(vec![ip_of(&e1).to_string()]));
+}
+
+#[test]
+fn upstreams_from_repeated_dns_options_are_tried_in_turn() {
+    if !root() || !tools() {
+        return;
+    }
+    // The first upstream is silent: the query is asked again of the second.
+    let mut env = Env::prepare(&["--dns", "127.0.0.3", "--dns", "127.0.0.1"]);
+    let host = NetNs::open(&env.host).unwrap();
+    run_in(&host, || {
+        let mut nl = switchyard_control::netlink::Netlink::open().unwrap();
+        nl.set_up(1).unwrap();
+    })
+    .unwrap();
+    let upstream = Upstream::start(&host, Ipv4Addr::LOCALHOST);
+    env.start_daemon();
+    env.ok(&["network", "create", "twoup", "--subnet", "10.98.0.0/24"]);
+    let u1 = env.container("u1");
+    env.connect("twoup", &u1, &[]);
+    assert_eq!(
+        getent(&u1, "external.test"),
+        Some(vec![EXTERNAL_IP.to_string()])
+    );
+    assert!(upstream.seen().iter().any(|(_, q)| q.starts_with(EXTERNAL)));
+    let dns = env.json(&["stats"])["dns"].clone();
+    assert!(dns["upstream_timeouts"].as_u64().unwrap() >= 1, "{dns}");
+    assert!(dns["upstream_retries"].as_u64().unwrap() >= 1, "{dns}");
+}
