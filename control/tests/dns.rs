@@ -401,7 +401,17 @@ fn aliases_survive_a_restart_and_run_gets_a_resolv_conf() {
     if !root() || !tools() {
         return;
     }
-    let mut env = Env::new(&[]);
+    // An upstream on the daemon's loopback: names of the search domains that are no endpoint
+    // go there (and get a quick NXDOMAIN).
+    let mut env = Env::prepare(&["--dns", "127.0.0.1"]);
+    let host = NetNs::open(&env.host).unwrap();
+    run_in(&host, || {
+        let mut nl = switchyard_control::netlink::Netlink::open().unwrap();
+        nl.set_up(1).unwrap();
+    })
+    .unwrap();
+    let upstream = Upstream::start(&host, Ipv4Addr::LOCALHOST);
+    env.start_daemon();
     // A search domain is a DNS name: anything else is refused.
     let err = env.err(&["network", "create", "badnet", "--dns-search", "bad domain"]);
     assert!(err.contains("search domain"), "{err}");
@@ -431,6 +441,16 @@ fn aliases_survive_a_restart_and_run_gets_a_resolv_conf() {
     assert!(r.contains("search corp.test lab.test\n"), "{r}");
     assert_eq!(getent(&w1, "web.corp.test"), Some(vec![ip.clone()]));
     assert_eq!(getent(&w1, "W1.LAB.test"), Some(vec![ip.clone()]));
+    // Other names of the domain may be real hosts there: asked upstream, not answered here.
+    assert_eq!(getent(&w1, "nothing.corp.test"), None);
+    assert!(
+        upstream
+            .seen()
+            .iter()
+            .any(|(_, q)| q.starts_with("nothing.corp.test. ")),
+        "{:?}",
+        upstream.seen()
+    );
     // An invalid alias is refused before anything is made.
     let w2 = env.container("w2");
     let err = env.err(&[
