@@ -1778,11 +1778,16 @@ pub fn run(cfg: DaemonConfig) -> Result<()> {
         upstreams.retain(|ip| !ip.is_loopback());
     }
     tracing::info!(upstreams = ?upstreams, bridge = cfg.bridge_dns, "embedded DNS");
-    pipeline.dns = crate::dns::DnsServer::new(crate::dns::DnsConfig {
+    let dcfg = crate::dns::DnsConfig {
         upstreams: crate::dns::upstream_addrs(&upstreams),
         seed: rcfg.seed.rotate_left(17) ^ 0x9e37_79b9_7f4a_7c15,
         ..Default::default()
-    });
+    };
+    // Seeded per run too: the initial sequence numbers of TCP toward the upstreams (a spoofed
+    // answer would need them).
+    pipeline.dns_up_tcp =
+        crate::dns::UpstreamTcp::new(dcfg.tcp_timeout, rcfg.seed.rotate_left(29) ^ 0x7c9a);
+    pipeline.dns = crate::dns::DnsServer::new(dcfg);
     let dp = Dataplane::spawn(pipeline, uplink_sock)
         .map_err(|e| Error::system(format!("starting the dataplane: {e}")))?;
     if cfg.uplink.is_none() {
