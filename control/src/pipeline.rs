@@ -362,9 +362,7 @@ impl Pipeline {
         tx: &mut dyn FnMut(Out, &[u8]) -> bool,
     ) -> Verdict {
         self.host.clear();
-        if self.dns_reply_on_uplink(frame, meta, now, tx)
-            || self.dns_tcp_on_uplink(frame, meta, now, tx)
-        {
+        if self.dns_on_uplink(frame, meta, now, tx) {
             return Verdict::Forwarded;
         }
         let mut emits = std::mem::take(&mut self.emits);
@@ -536,54 +534,36 @@ impl Pipeline {
         .min()
     }
 
-    /// An upstream's answer to the uplink address: true when the DNS server took it.
-    fn dns_reply_on_uplink(
+    /// An upstream's answer to the uplink address (a datagram for a pending query, a segment
+    /// for a TCP exchange): true when the DNS server took it.
+    fn dns_on_uplink(
         &mut self,
         frame: &[u8],
         meta: RxMeta,
         now: Instant,
         tx: &mut dyn FnMut(Out, &[u8]) -> bool,
     ) -> bool {
-        if self.dns.pending_len() == 0 {
+        if self.dns.pending_len() == 0 && self.dns_up_tcp.is_empty() {
             return false;
         }
         let Some(up) = self.router.uplink().copied() else {
             return false;
         };
-        let Ok(Some(d)) = udp_to(frame, up.mac, up.addr, meta.partial_csum) else {
-            return false;
-        };
-        if d.src.port() != DNS_PORT || !self.dns.expects(d.src, d.dst.port()) {
-            return false;
-        }
-        self.dns
-            .handle_upstream(now, d.src, Some(d.dst.port()), &frame[d.payload]);
-        self.dns_flush(now, tx);
-        true
-    }
-
-    /// A TCP segment from an upstream to the uplink address for one of our exchanges: true
-    /// when it was one.
-    fn dns_tcp_on_uplink(
-        &mut self,
-        frame: &[u8],
-        meta: RxMeta,
-        now: Instant,
-        tx: &mut dyn FnMut(Out, &[u8]) -> bool,
-    ) -> bool {
-        if self.dns_up_tcp.is_empty() {
+        let (mac, addr, partial) = (up.mac, up.addr, meta.partial_csum);
+        if let Ok(Some(d)) = udp_to(frame, mac, addr, partial) {
+            if d.src.port() != DNS_PORT || !self.dns.expects(d.src, d.dst.port()) {
+                return false;
+            }
+            self.dns
+                .handle_upstream(now, d.src, Some(d.dst.port()), &frame[d.payload]);
+        } else if let Ok(Some(s)) = tcp_to(frame, mac, addr, partial) {
+            if !self.dns_up_tcp.takes(s.src, s.dst.port()) {
+                return false;
+            }
+            self.dns_up_tcp.segment(now, &frame[s.packet]);
+        } else {
             return false;
         }
-        let Some(up) = self.router.uplink().copied() else {
-            return false;
-        };
-        let Ok(Some(s)) = tcp_to(frame, up.mac, up.addr, meta.partial_csum) else {
-            return false;
-        };
-        if !self.dns_up_tcp.takes(s.src, s.dst.port()) {
-            return false;
-        }
-        self.dns_up_tcp.segment(now, &frame[s.packet]);
         self.dns_flush(now, tx);
         true
     }

@@ -199,6 +199,21 @@ impl Drop for Upstream {
     }
 }
 
+/// A daemon whose own namespace (the "host") runs the test upstream on its loopback at
+/// `addr` (answering TCP when `tcp`), started with `args`.
+fn on_loopback(args: &[&str], addr: Ipv4Addr, tcp: bool) -> (Env, Upstream) {
+    let mut env = Env::prepare(args);
+    let host = NetNs::open(&env.host).unwrap();
+    run_in(&host, || {
+        let mut nl = switchyard_control::netlink::Netlink::open().unwrap();
+        nl.set_up(1).unwrap();
+    })
+    .unwrap();
+    let upstream = Upstream::start_with(&host, addr, tcp);
+    env.start_daemon();
+    (env, upstream)
+}
+
 /// `getent hosts NAME` inside container `c` (through `ip netns exec`, so with its
 /// /etc/netns resolv.conf): the addresses it printed, or `None` when the name did not resolve.
 fn getent(c: &Container, name: &str) -> Option<Vec<String>> {
@@ -282,15 +297,21 @@ const UPLINK_ARGS: [&str; 8] = [
     "192.0.2.1",
 ];
 
+/// A daemon with the raw uplink, and the test upstream at 192.0.2.1 in the outside namespace.
+fn behind_raw_uplink() -> (Env, Upstream) {
+    let mut env = Env::prepare(&UPLINK_ARGS);
+    let ext = env.outside();
+    let upstream = Upstream::start(&ext.ns, Ipv4Addr::new(192, 0, 2, 1));
+    env.start_daemon();
+    (env, upstream)
+}
+
 #[test]
 fn names_resolve_on_their_own_network_and_external_names_go_upstream() {
     if !root() || !tools() {
         return;
     }
-    let mut env = Env::prepare(&UPLINK_ARGS);
-    let ext = env.outside();
-    let upstream = Upstream::start(&ext.ns, Ipv4Addr::new(192, 0, 2, 1));
-    env.start_daemon();
+    let (mut env, upstream) = behind_raw_uplink();
     env.ok(&["network", "create", "appnet", "--subnet", "10.89.0.0/24"]);
     env.ok(&["network", "create", "othernet", "--subnet", "10.90.0.0/24"]);
     let a1 = env.container("a1");
@@ -403,15 +424,7 @@ fn aliases_survive_a_restart_and_run_gets_a_resolv_conf() {
     }
     // An upstream on the daemon's loopback: names of the search domains that are no endpoint
     // go there (and get a quick NXDOMAIN).
-    let mut env = Env::prepare(&["--dns", "127.0.0.1"]);
-    let host = NetNs::open(&env.host).unwrap();
-    run_in(&host, || {
-        let mut nl = switchyard_control::netlink::Netlink::open().unwrap();
-        nl.set_up(1).unwrap();
-    })
-    .unwrap();
-    let upstream = Upstream::start(&host, Ipv4Addr::LOCALHOST);
-    env.start_daemon();
+    let (mut env, upstream) = on_loopback(&["--dns", "127.0.0.1"], Ipv4Addr::LOCALHOST, true);
     // A search domain is a DNS name: anything else is refused.
     let err = env.err(&["network", "create", "badnet", "--dns-search", "bad domain"]);
     assert!(err.contains("search domain"), "{err}");
@@ -543,15 +556,7 @@ fn without_a_raw_uplink_external_names_go_through_a_host_socket() {
         return;
     }
     // The daemon's namespace is the "host": its loopback runs the upstream server.
-    let mut env = Env::prepare(&["--dns", "127.0.0.1"]);
-    let host = NetNs::open(&env.host).unwrap();
-    run_in(&host, || {
-        let mut nl = switchyard_control::netlink::Netlink::open().unwrap();
-        nl.set_up(1).unwrap();
-    })
-    .unwrap();
-    let upstream = Upstream::start(&host, Ipv4Addr::LOCALHOST);
-    env.start_daemon();
+    let (mut env, upstream) = on_loopback(&["--dns", "127.0.0.1"], Ipv4Addr::LOCALHOST, true);
     env.ok(&["network", "create", "sockdns", "--subnet", "10.92.0.0/24"]);
     let s1 = env.container("s1");
     env.connect("sockdns", &s1, &[]);
@@ -630,10 +635,7 @@ fn truncated_upstream_answers_are_fetched_over_tcp_from_the_uplink_address() {
     if !root() || !tools() {
         return;
     }
-    let mut env = Env::prepare(&UPLINK_ARGS);
-    let ext = env.outside();
-    let upstream = Upstream::start(&ext.ns, Ipv4Addr::new(192, 0, 2, 1));
-    env.start_daemon();
+    let (mut env, upstream) = behind_raw_uplink();
     env.ok(&["network", "create", "tcnet", "--subnet", "10.94.0.0/24"]);
     let c1 = env.container("c1");
     let c2 = env.container("c2");
@@ -675,15 +677,7 @@ fn without_a_raw_uplink_truncated_answers_go_over_a_host_tcp_socket() {
         return;
     }
     // Two upstreams on the daemon's loopback: 127.0.0.1 answers TCP, 127.0.0.2 refuses it.
-    let mut env = Env::prepare(&["--dns", "127.0.0.1"]);
-    let host = NetNs::open(&env.host).unwrap();
-    run_in(&host, || {
-        let mut nl = switchyard_control::netlink::Netlink::open().unwrap();
-        nl.set_up(1).unwrap();
-    })
-    .unwrap();
-    let upstream = Upstream::start(&host, Ipv4Addr::LOCALHOST);
-    env.start_daemon();
+    let (mut env, upstream) = on_loopback(&["--dns", "127.0.0.1"], Ipv4Addr::LOCALHOST, true);
     env.ok(&["network", "create", "tcsock", "--subnet", "10.95.0.0/24"]);
     let s1 = env.container("s1");
     env.connect("tcsock", &s1, &[]);
@@ -704,15 +698,8 @@ fn without_a_raw_uplink_truncated_answers_go_over_a_host_tcp_socket() {
     drop(env);
 
     // An upstream that refuses TCP: SERVFAIL for that name, quickly, and nothing else stalls.
-    let mut env = Env::prepare(&["--dns", "127.0.0.2"]);
-    let host = NetNs::open(&env.host).unwrap();
-    run_in(&host, || {
-        let mut nl = switchyard_control::netlink::Netlink::open().unwrap();
-        nl.set_up(1).unwrap();
-    })
-    .unwrap();
-    let upstream = Upstream::start_with(&host, Ipv4Addr::new(127, 0, 0, 2), false);
-    env.start_daemon();
+    let (mut env, upstream) =
+        on_loopback(&["--dns", "127.0.0.2"], Ipv4Addr::new(127, 0, 0, 2), false);
     env.ok(&["network", "create", "tcref", "--subnet", "10.96.0.0/24"]);
     let r1 = env.container("r1");
     let e = env.connect("tcref", &r1, &[]);
@@ -831,15 +818,11 @@ fn upstreams_from_repeated_dns_options_are_tried_in_turn() {
         return;
     }
     // The first upstream is silent: the query is asked again of the second.
-    let mut env = Env::prepare(&["--dns", "127.0.0.3", "--dns", "127.0.0.1"]);
-    let host = NetNs::open(&env.host).unwrap();
-    run_in(&host, || {
-        let mut nl = switchyard_control::netlink::Netlink::open().unwrap();
-        nl.set_up(1).unwrap();
-    })
-    .unwrap();
-    let upstream = Upstream::start(&host, Ipv4Addr::LOCALHOST);
-    env.start_daemon();
+    let (mut env, upstream) = on_loopback(
+        &["--dns", "127.0.0.3", "--dns", "127.0.0.1"],
+        Ipv4Addr::LOCALHOST,
+        true,
+    );
     env.ok(&["network", "create", "twoup", "--subnet", "10.98.0.0/24"]);
     let u1 = env.container("u1");
     env.connect("twoup", &u1, &[]);

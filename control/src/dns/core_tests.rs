@@ -718,7 +718,7 @@ fn many_for(q: &Message, n: u8, tc: bool) -> Vec<u8> {
 }
 
 /// The one TCP exchange the last call asked for: (id, upstream, port, message).
-fn upstream_tcp(s: &mut DnsServer) -> (u16, SocketAddrV4, u16, Message) {
+fn upstream_tcp(s: &mut DnsServer) -> TcpAsk {
     let out: Vec<Output> = s.drain().collect();
     assert_eq!(out.len(), 1, "{out:?}");
     match out.into_iter().next().unwrap() {
@@ -743,21 +743,26 @@ fn reply_of(s: &mut DnsServer) -> (Transport, Message) {
     }
 }
 
+/// A TCP exchange the core asked for: (id, upstream, port, message).
+type TcpAsk = (u16, SocketAddrV4, u16, Message);
+/// An upstream query over UDP: (upstream, port, message).
+type UdpAsk = (SocketAddrV4, u16, Message);
+
+/// Ask `name` (id `id`) from C1 at `at`; the upstream answers TC. Returns the TCP exchange
+/// asked for and the UDP query.
+fn truncated_then_tcp(s: &mut DnsServer, id: u16, name: &str, at: u64) -> (TcpAsk, UdpAsk) {
+    let q = query(id, name, RecordType::A);
+    s.handle_query(t(at), NET_A, GW_A, client(C1), &q, 1472);
+    let (to, port, q) = upstream(s);
+    s.handle_upstream(t(at), to, Some(port), &many_for(&q, 0, true));
+    (upstream_tcp(s), (to, port, q))
+}
+
 #[test]
 fn truncated_upstream_answers_are_asked_again_over_tcp() {
     let mut s = with_upstreams();
-    s.handle_query(
-        t(0),
-        NET_A,
-        GW_A,
-        client(C1),
-        &query(7, "big.example", RecordType::A),
-        1472,
-    );
-    let (to, port, q) = upstream(&mut s);
     // TC from the upstream: not passed on, asked again over TCP to the same upstream.
-    s.handle_upstream(t(10), to, Some(port), &many_for(&q, 0, true));
-    let (id, tto, tport, tq) = upstream_tcp(&mut s);
+    let ((id, tto, tport, tq), (to, port, q)) = truncated_then_tcp(&mut s, 7, "big.example", 0);
     assert_eq!((id, tto, tport), (q.metadata.id, to, port));
     assert_eq!(tq.queries, q.queries);
     assert_eq!(s.counters().upstream_tcp, 1);
@@ -781,17 +786,7 @@ fn truncated_upstream_answers_are_asked_again_over_tcp() {
 #[test]
 fn a_whole_answer_too_big_for_the_client_is_truncated_then_served_over_tcp_from_the_cache() {
     let mut s = with_upstreams();
-    s.handle_query(
-        t(0),
-        NET_A,
-        GW_A,
-        client(C1),
-        &query(8, "big.example", RecordType::A),
-        1472,
-    );
-    let (to, port, q) = upstream(&mut s);
-    s.handle_upstream(t(10), to, Some(port), &many_for(&q, 0, true));
-    let (id, _, _, tq) = upstream_tcp(&mut s);
+    let ((id, _, _, tq), _) = truncated_then_tcp(&mut s, 8, "big.example", 0);
     // 60 records: more than a 512-byte datagram holds.
     s.handle_upstream_tcp(t(20), id, Some(&many_for(&tq, 60, false)));
     let (_, r) = reply_of(&mut s);
@@ -818,18 +813,7 @@ fn a_whole_answer_too_big_for_the_client_is_truncated_then_served_over_tcp_from_
 fn a_failed_or_hung_or_bad_tcp_exchange_is_servfail() {
     let mut s = with_upstreams();
     let start = |s: &mut DnsServer, id: u16, at: u64| {
-        let name = format!("h{id}.example");
-        s.handle_query(
-            t(at),
-            NET_A,
-            GW_A,
-            client(C1),
-            &query(id, &name, RecordType::A),
-            1472,
-        );
-        let (to, port, q) = upstream(s);
-        s.handle_upstream(t(at), to, Some(port), &many_for(&q, 0, true));
-        upstream_tcp(s)
+        truncated_then_tcp(s, id, &format!("h{id}.example"), at).0
     };
     // Refused or reset: SERVFAIL at once.
     let (id, ..) = start(&mut s, 1, 0);

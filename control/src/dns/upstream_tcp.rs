@@ -168,31 +168,13 @@ impl UpstreamTcp {
         to: SocketAddrV4,
         query: &[u8],
     ) {
-        let ok = self.try_open(now, id, local, to, query);
-        if !ok {
-            self.counters.failed += 1;
-            self.results.push((id, None));
-        }
-        self.poll(now);
-    }
-
-    fn try_open(
-        &mut self,
-        now: Instant,
-        id: u16,
-        local: SocketAddrV4,
-        to: SocketAddrV4,
-        query: &[u8],
-    ) -> bool {
         if self.conns.len() >= MAX_EXCHANGES {
             self.counters.over_limit += 1;
-            return false;
+            return self.refuse(id);
         }
-        if self.conns.contains_key(&id) || self.conns.values().any(|c| c.local == local) {
-            return false;
-        }
-        let Some(x) = Exchange::new(query) else {
-            return false;
+        let taken = self.conns.contains_key(&id) || self.conns.values().any(|c| c.local == local);
+        let Some(x) = Exchange::new(query).filter(|_| !taken) else {
+            return self.refuse(id);
         };
         if self.iface.as_ref().is_none_or(|(a, _)| *a != *local.ip()) {
             // A new uplink address: the old connections cannot go on.
@@ -200,7 +182,7 @@ impl UpstreamTcp {
             self.iface = Some((*local.ip(), make_iface(self.seed, *local.ip(), now)));
         }
         let Some((_, iface)) = self.iface.as_mut() else {
-            return false;
+            return self.refuse(id);
         };
         let mut s = tcp::Socket::new(
             tcp::SocketBuffer::new(vec![0u8; MAX_TCP_MESSAGE + 2]),
@@ -214,7 +196,7 @@ impl UpstreamTcp {
             port: local.port(),
         };
         if s.connect(iface.context(), remote, lep).is_err() {
-            return false;
+            return self.refuse(id);
         }
         let handle = self.set.add(s);
         self.conns.insert(
@@ -229,7 +211,13 @@ impl UpstreamTcp {
             },
         );
         self.counters.connections += 1;
-        true
+        self.poll(now);
+    }
+
+    /// Exchange `id` cannot start: it fails at once.
+    fn refuse(&mut self, id: u16) {
+        self.counters.failed += 1;
+        self.results.push((id, None));
     }
 
     fn reset_all(&mut self) {
@@ -473,6 +461,15 @@ mod tests {
         }
     }
 
+    /// Exchange `id` (query `q`) begun against a server, and everything said until quiet.
+    fn begun(listen: bool, answer: Option<Vec<u8>>, id: u16, q: &[u8]) -> (UpstreamTcp, Server) {
+        let mut srv = Server::new(listen, answer);
+        let mut c = UpstreamTcp::new(TIMEOUT, 1);
+        c.open(t(0), id, LOCAL, UP, q);
+        run(&mut c, &mut srv, t(1));
+        (c, srv)
+    }
+
     #[test]
     fn framing_takes_exactly_one_message() {
         let mut x = Exchange::new(b"hello").unwrap();
@@ -494,10 +491,7 @@ mod tests {
     #[test]
     fn a_whole_answer_over_several_segments() {
         let answer: Vec<u8> = (0..5000u32).map(|i| (i * 7) as u8).collect();
-        let mut srv = Server::new(true, Some(answer.clone()));
-        let mut c = UpstreamTcp::new(TIMEOUT, 1);
-        c.open(t(0), 77, LOCAL, UP, b"the query");
-        run(&mut c, &mut srv, t(1));
+        let (mut c, mut srv) = begun(true, Some(answer.clone()), 77, b"the query");
         assert_eq!(&srv.asked[..], b"\x00\x09the query");
         assert_eq!(c.take_results(), vec![(77, Some(answer))]);
         assert!(c.takes(UP, LOCAL.port()) || c.is_empty());
@@ -510,10 +504,7 @@ mod tests {
 
     #[test]
     fn refused_is_a_failure_at_once() {
-        let mut srv = Server::new(false, None);
-        let mut c = UpstreamTcp::new(TIMEOUT, 1);
-        c.open(t(0), 5, LOCAL, UP, b"q");
-        run(&mut c, &mut srv, t(1));
+        let (mut c, _) = begun(false, None, 5, b"q");
         assert_eq!(c.take_results(), vec![(5, None)]);
         assert!(c.is_empty());
         assert_eq!(c.counters().failed, 1);
@@ -521,10 +512,7 @@ mod tests {
 
     #[test]
     fn a_hung_upstream_times_out_and_is_reset() {
-        let mut srv = Server::new(true, None);
-        let mut c = UpstreamTcp::new(TIMEOUT, 1);
-        c.open(t(0), 6, LOCAL, UP, b"q");
-        run(&mut c, &mut srv, t(1));
+        let (mut c, _) = begun(true, None, 6, b"q");
         assert!(c.take_results().is_empty());
         assert_eq!(c.poll_at().map(|p| p <= t(0) + TIMEOUT), Some(true));
         c.expire(t(0) + TIMEOUT);
