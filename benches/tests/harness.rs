@@ -81,35 +81,43 @@ fn wait(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
     }
 }
 
-#[test]
-fn quick_run_produces_every_figure_and_cleans_up() {
-    if !root() {
-        return;
-    }
+/// `switchyard-bench --quick ARGS` writing its JSON and results into `dir`, within `secs`; it
+/// must succeed and leave no namespace. Its pid and the JSON.
+fn quick_run(dir: &Path, args: &[&str], secs: u64) -> (u32, Value) {
     let sy = switchyard_bin();
-    let dir = std::env::temp_dir().join(format!("syb-test-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::create_dir_all(dir).unwrap();
     let json = dir.join("out.json");
     let mut child = Command::new(BENCH)
-        .args(["--quick", "--dataplanes", "switchyard-tap,kernel", "--json"])
+        .arg("--quick")
+        .args(args)
+        .arg("--json")
         .arg(&json)
         .arg("--results-dir")
-        .arg(&dir)
+        .arg(dir)
         .arg("--switchyard")
         .arg(&sy)
         .stdin(Stdio::null())
         .spawn()
         .expect("spawn switchyard-bench");
     let pid = child.id();
-    let st = wait(&mut child, Duration::from_secs(150));
+    let st = wait(&mut child, Duration::from_secs(secs));
     assert!(st.success(), "switchyard-bench failed: {st}");
     assert_eq!(
         leftovers(pid),
         Vec::<String>::new(),
         "namespaces left behind"
     );
+    let v = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    (pid, v)
+}
 
-    let v: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+#[test]
+fn quick_run_produces_every_figure_and_cleans_up() {
+    if !root() {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("syb-test-{}", std::process::id()));
+    let (_, v) = quick_run(&dir, &["--dataplanes", "switchyard-tap,kernel"], 150);
     let dps: Vec<&str> = v["dataplanes"]
         .as_array()
         .unwrap()
@@ -219,5 +227,73 @@ fn interrupted_run_removes_its_namespaces() {
         Vec::<String>::new(),
         "namespaces left behind"
     );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Processes whose command line names one of the run's scratch directories (dockerd, its
+/// containerd and shims, the switchyard daemon).
+fn processes_of_run(pid: u32) -> Vec<String> {
+    let tag = format!("syb-{pid}-");
+    std::fs::read_dir("/proc")
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+                .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+                .filter(|c| c.contains(&tag))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The Docker dataplanes: containers started by a dockerd of the harness's own, on a
+/// `-d switchyard` network and on Docker's bridge, measured like the others; nothing of
+/// Docker's is left afterwards (processes, the plugin socket, namespaces).
+#[test]
+fn docker_dataplanes_measure_and_clean_up() {
+    if !root() {
+        return;
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    for tool in ["dockerd", "docker"] {
+        if !std::env::split_paths(&path).any(|d| d.join(tool).is_file()) {
+            println!("skipped: {tool} not installed (apt-get install docker.io busybox-static)");
+            return;
+        }
+    }
+    if !Path::new("/bin/busybox").is_file() {
+        println!("skipped: /bin/busybox not installed (apt-get install busybox-static)");
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("syb-dtest-{}", std::process::id()));
+    let args = [
+        "--dataplanes",
+        "switchyard-docker,docker-bridge",
+        "--only",
+        "tcp_c2c,tcp_pub",
+    ];
+    let (pid, v) = quick_run(&dir, &args, 300);
+    assert_eq!(
+        processes_of_run(pid),
+        Vec::<String>::new(),
+        "processes left"
+    );
+    assert!(!Path::new(&format!("/run/docker/plugins/syb{pid}.sock")).exists());
+    for d in v["dataplanes"].as_array().unwrap() {
+        assert_eq!(d["status"], "ok", "{d}");
+    }
+    for dp in ["switchyard-docker", "docker-bridge"] {
+        for test in ["tcp_c2c", "tcp_pub"] {
+            let r = v["results"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|r| r["test"] == test && r["metric"] == "gbps" && r["dataplane"] == dp)
+                .unwrap_or_else(|| panic!("{test} {dp}: missing"));
+            assert!(
+                r["status"] == "ok" && r["median"].as_f64().unwrap_or(0.0) > 0.0,
+                "{r}"
+            );
+        }
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -158,7 +158,7 @@ pub fn create_tap_endpoint(ns: &NetNs, spec: &EndpointSpec) -> Result<Tap> {
 /// (and takes from us) 64 KB TCP segments with partial checksums instead of MTU-sized frames:
 /// the switch moves one frame where it would move forty. Falls back to a plain tap where the
 /// kernel lacks IFF_VNET_HDR.
-fn create_offload_tap(name: &str) -> io::Result<Tap> {
+pub fn create_offload_tap(name: &str) -> io::Result<Tap> {
     use switchyard_switch::backend::tap::offload;
     match Tap::create(name, true) {
         Ok(t) => {

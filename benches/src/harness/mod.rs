@@ -36,7 +36,8 @@ pub struct Args {
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
     /// Comma-separated dataplanes (default: switchyard-tap,switchyard-veth,kernel,pasta,
-    /// slirp4netns where installed; experimental, on request only: ovs,ovs-notso).
+    /// slirp4netns where installed; on request only: switchyard-docker and docker-bridge, which
+    /// run a dockerd of their own, and the experimental ovs,ovs-notso).
     #[arg(long, value_delimiter = ',')]
     pub dataplanes: Vec<String>,
     /// The switchyard binary (default: `switchyard` next to this executable).

@@ -66,6 +66,23 @@ pub fn remove_dir(dir: &Path) {
     reg().dirs.retain(|d| d != dir);
 }
 
+/// Lazily unmounts whatever is still mounted under `dir`, deepest first (what dockerd left).
+pub fn umount_under(dir: &Path) {
+    let Ok(info) = fs::read_to_string("/proc/self/mountinfo") else {
+        return;
+    };
+    let prefix = dir.to_string_lossy().into_owned();
+    let mut points: Vec<&str> = info
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .filter(|p| p.starts_with(&prefix))
+        .collect();
+    points.sort_by_key(|p| std::cmp::Reverse(p.len()));
+    for p in points {
+        let _ = nix::mount::umount2(p, nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
 /// Spawns `cmd` with its network namespace set to the one at `ns` (the child inherits the
 /// namespace of the thread that forks it), and records its pid for cleanup.
 pub fn spawn_in(ns: &Path, cmd: &mut Command) -> Result<Child, String> {

@@ -39,10 +39,14 @@ pub const DEFAULT: &[&str] = &[
 
 /// The dataplanes the harness knows. `ovs` and `ovs-notso` are experimental (only on request):
 /// on this machine their NAT paths time out intermittently (see the README of the harness run).
+/// `switchyard-docker` and `docker-bridge` (on request) run dockerd: containers started by
+/// Docker on a `-d switchyard` network, and on Docker's own bridge network.
 pub const ALL: &[&str] = &[
     "switchyard-tap",
     "switchyard-veth",
+    "switchyard-docker",
     "kernel",
+    "docker-bridge",
     "ovs",
     "ovs-notso",
     "pasta",
@@ -66,17 +70,28 @@ pub struct Topo {
     namespaces: Vec<String>,
     children: Vec<Child>,
     dir: PathBuf,
+    /// Run before the children stop (e.g. removing Docker's containers while dockerd runs).
+    before_stop: Vec<Box<dyn FnOnce()>>,
+    /// Files outside `dir` to remove at the end (Docker's plugin socket).
+    files: Vec<PathBuf>,
 }
 
 impl Drop for Topo {
     fn drop(&mut self) {
+        for f in self.before_stop.drain(..) {
+            f();
+        }
         for c in self.children.iter_mut().rev() {
             sys::stop_child(c, Duration::from_secs(5));
         }
         for n in &self.namespaces {
             sys::delete_ns(n);
         }
+        sys::umount_under(&self.dir);
         sys::remove_dir(&self.dir);
+        for f in &self.files {
+            let _ = fs::remove_file(f);
+        }
     }
 }
 
@@ -101,6 +116,24 @@ pub fn available(dp: &str, switchyard: &Path) -> Result<(), String> {
             }
         }
         "kernel" => need("iptables-restore"),
+        "switchyard-docker" | "docker-bridge" => {
+            if dp == "switchyard-docker" && !switchyard.is_file() {
+                return Err(format!("{} not found", switchyard.display()));
+            }
+            need("dockerd")
+                .and(need("docker"))
+                .and(need("tar"))
+                .and(if dp == "docker-bridge" {
+                    need("iptables")
+                } else {
+                    Ok(())
+                })
+                .and(if Path::new(BUSYBOX).is_file() {
+                    Ok(())
+                } else {
+                    Err(format!("{BUSYBOX} not installed (busybox-static)"))
+                })
+        }
         "pasta" => need("pasta"),
         "slirp4netns" => need("slirp4netns"),
         "ovs" | "ovs-notso" => need("ovs-vswitchd")
@@ -132,12 +165,20 @@ pub fn build(dp: &str, switchyard: &Path) -> Result<Topo, String> {
         namespaces: Vec::new(),
         children: Vec::new(),
         dir,
+        before_stop: Vec::new(),
+        files: Vec::new(),
     };
     let host = t.ns(&tag, "h")?;
-    t.c1 = t.ns(&tag, "c1")?;
     t.ext = t.ns(&tag, "ext")?;
+    // Docker makes its containers' namespaces itself.
+    let docker = matches!(dp, "switchyard-docker" | "docker-bridge");
+    if !docker {
+        t.c1 = t.ns(&tag, "c1")?;
+    }
     let two_containers = !matches!(dp, "pasta" | "slirp4netns");
-    if two_containers {
+    if docker {
+        // c1 and c2 are set once Docker started them.
+    } else if two_containers {
         t.c2 = Some(t.ns(&tag, "c2")?);
     } else {
         t.c2_ip = None;
@@ -158,10 +199,10 @@ pub fn build(dp: &str, switchyard: &Path) -> Result<Topo, String> {
     ])?;
     ip(&["-n", &en, "link", "set", "ext0", "up"])?;
     ip(&["-n", &hn, "link", "set", "up0", "up"])?;
-    // Clients close second (no TIME_WAIT); a wide port range for the connection-rate test.
-    sysctl(&t.c1, "net/ipv4/ip_local_port_range", "1024 65000")?;
     match dp {
         "switchyard-tap" | "switchyard-veth" => switchyard_dp(&mut t, &host, switchyard, dp)?,
+        "switchyard-docker" => docker_dp(&mut t, &host, Some(switchyard))?,
+        "docker-bridge" => docker_dp(&mut t, &host, None)?,
         "kernel" => kernel_dp(&mut t, &host)?,
         "ovs" => ovs_dp(&mut t, &host, true)?,
         "ovs-notso" => ovs_dp(&mut t, &host, false)?,
@@ -169,6 +210,8 @@ pub fn build(dp: &str, switchyard: &Path) -> Result<Topo, String> {
         "slirp4netns" => slirp_dp(&mut t, &host)?,
         other => return Err(format!("unknown dataplane {other:?}")),
     }
+    // Clients close second (no TIME_WAIT); a wide port range for the connection-rate test.
+    sysctl(&t.c1, "net/ipv4/ip_local_port_range", "1024 65000")?;
     Ok(t)
 }
 
@@ -246,34 +289,7 @@ fn container(ns: &Path, addr: Ipv4Addr) -> Result<(), String> {
 
 fn switchyard_dp(t: &mut Topo, host: &Path, bin: &Path, dp: &str) -> Result<(), String> {
     let kind = if dp.ends_with("veth") { "veth" } else { "tap" };
-    let socket = t.dir.join("control.sock");
-    let log = t.log("daemon.log")?;
-    let child = spawn_in(
-        host,
-        Command::new(bin)
-            .arg("daemon")
-            .arg("--socket")
-            .arg(&socket)
-            .arg("--state-dir")
-            .arg(t.dir.join("state"))
-            .args(["--uplink", "up0", "--uplink-addr"])
-            .arg(format!("{UPLINK_IP}/24"))
-            .args(["--log-level", "warn"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log),
-    )?;
-    t.cpu_pid = Some(child.id());
-    t.children.push(child);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while UnixStream::connect(&socket).is_err() {
-        t.alive(0, "daemon.log")
-            .map_err(|e| format!("switchyard daemon {e}"))?;
-        if Instant::now() > deadline || sys::stopping() {
-            return Err("switchyard daemon did not open its socket in 20 s".into());
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let socket = start_switchyard(t, host, bin, &[])?;
     let cli = |args: &[&str]| -> Result<String, String> {
         let out = run_cmd(
             None,
@@ -324,6 +340,209 @@ fn switchyard_dp(t: &mut Topo, host: &Path, bin: &Path, dp: &str) -> Result<(), 
     Ok(())
 }
 
+/// The switchyard daemon in `host` with the raw uplink up0 (and `extra` arguments); its control
+/// socket once it accepts.
+fn start_switchyard(
+    t: &mut Topo,
+    host: &Path,
+    bin: &Path,
+    extra: &[&str],
+) -> Result<PathBuf, String> {
+    let socket = t.dir.join("control.sock");
+    let log = t.log("daemon.log")?;
+    let child = spawn_in(
+        host,
+        Command::new(bin)
+            .arg("daemon")
+            .arg("--socket")
+            .arg(&socket)
+            .arg("--state-dir")
+            .arg(t.dir.join("state"))
+            .args(["--uplink", "up0", "--uplink-addr"])
+            .arg(format!("{UPLINK_IP}/24"))
+            .args(["--log-level", "warn"])
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log),
+    )?;
+    t.cpu_pid = Some(child.id());
+    t.children.push(child);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while UnixStream::connect(&socket).is_err() {
+        t.alive(0, "daemon.log")
+            .map_err(|e| format!("switchyard daemon {e}"))?;
+        if Instant::now() > deadline || sys::stopping() {
+            return Err("switchyard daemon did not open its socket in 20 s".into());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(socket)
+}
+
+// ---- Docker: dockerd driving a switchyard network, or its own bridge ----
+
+/// The static busybox the containers' image is made of.
+const BUSYBOX: &str = "/bin/busybox";
+
+/// The docker client: Debian's (the same version as dockerd) when present.
+fn docker_bin() -> &'static str {
+    if Path::new("/usr/bin/docker").exists() {
+        "/usr/bin/docker"
+    } else {
+        "docker"
+    }
+}
+
+/// dockerd in `host`, with its data-root, exec-root, pidfile and API socket under the topology's
+/// dir. With `switchyard`, the switchyard daemon beside it is its network driver and c1, c2 join
+/// a `-d switchyard` network (the tap endpoints, raw uplink and NAT of `switchyard-tap`);
+/// without, they are on Docker's own bridge (docker0 at the gateway address, its iptables
+/// rules, no userland proxy). The containers run `sleep` from an image of the host's static
+/// busybox; the workloads run in their network namespaces.
+fn docker_dp(t: &mut Topo, host: &Path, switchyard: Option<&Path>) -> Result<(), String> {
+    // dockerd looks for legacy plugins at /run/docker/plugins/NAME.sock only: a name of our own.
+    let driver = format!("syb{}", std::process::id());
+    match switchyard {
+        Some(bin) => {
+            let plugin = PathBuf::from(format!("/run/docker/plugins/{driver}.sock"));
+            t.files.push(plugin.clone());
+            let plugin = plugin.to_string_lossy().into_owned();
+            start_switchyard(t, host, bin, &["--docker-plugin-socket", &plugin])?;
+        }
+        // The host's own address, for Docker's masquerade and published port.
+        None => uplink_address(host)?,
+    }
+    let d = t.dir.join("docker");
+    fs::create_dir_all(&d).map_err(|e| format!("{}: {e}", d.display()))?;
+    fs::write(d.join("daemon.json"), "{}").map_err(|e| e.to_string())?;
+    let p = |s: &str| d.join(s).to_string_lossy().into_owned();
+    let api = format!("unix://{}", p("docker.sock"));
+    let mut cmd = Command::new("dockerd");
+    cmd.args([
+        "--config-file",
+        &p("daemon.json"),
+        "--data-root",
+        &p("data"),
+    ])
+    .args(["--exec-root", &p("exec"), "--pidfile", &p("dockerd.pid")])
+    .args(["-H", &api, "--storage-driver", "vfs"])
+    .args(["--exec-opt", "native.cgroupdriver=cgroupfs"])
+    .args([
+        "--userland-proxy=false",
+        "--ip6tables=false",
+        "--shutdown-timeout",
+        "2",
+    ]);
+    if switchyard.is_some() {
+        cmd.args([
+            "--bridge=none",
+            "--iptables=false",
+            "--ip-masq=false",
+            "--ip-forward=false",
+        ]);
+    } else {
+        cmd.arg("--bip").arg(format!("{GATEWAY}/24"));
+    }
+    let log = t.log("dockerd.log")?;
+    let out = log.try_clone().map_err(|e| e.to_string())?;
+    let child = spawn_in(host, cmd.stdin(Stdio::null()).stdout(out).stderr(log))?;
+    t.children.push(child);
+    let dockerd = t.children.len() - 1;
+    let docker = {
+        let api = api.clone();
+        move |args: &[&str]| -> Result<String, String> {
+            let out = run_cmd(
+                None,
+                Command::new(docker_bin()).args(["-H", &api]).args(args),
+                Duration::from_secs(120),
+            )?;
+            Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+        }
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while docker(&["info"]).is_err() {
+        t.alive(dockerd, "dockerd.log")
+            .map_err(|e| format!("dockerd {e}"))?;
+        if Instant::now() > deadline || sys::stopping() {
+            return Err("dockerd did not answer in 60 s".into());
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    {
+        let docker = docker.clone();
+        t.before_stop.push(Box::new(move || {
+            let _ = docker(&["rm", "-f", "c1", "c2"]);
+            let _ = docker(&["network", "prune", "-f"]);
+        }));
+    }
+    let root = t.dir.join("rootfs");
+    fs::create_dir_all(root.join("bin")).map_err(|e| e.to_string())?;
+    fs::copy(BUSYBOX, root.join("bin/busybox")).map_err(|e| format!("{BUSYBOX}: {e}"))?;
+    let tar = t.dir.join("busybox.tar");
+    run_cmd(
+        None,
+        Command::new("tar")
+            .arg("-C")
+            .arg(&root)
+            .arg("-cf")
+            .arg(&tar)
+            .arg("."),
+        Duration::from_secs(60),
+    )?;
+    docker(&["import", &tar.to_string_lossy(), "syb-busybox"])?;
+    let net = match switchyard {
+        Some(_) => {
+            docker(&[
+                "network",
+                "create",
+                "-d",
+                &driver,
+                "-o",
+                "switchyard.name=bench",
+                "--subnet",
+                &format!("{SUBNET}/24"),
+                "--gateway",
+                &GATEWAY.to_string(),
+                "bench",
+            ])?;
+            "bench"
+        }
+        None => "bridge",
+    };
+    let pubspec = format!("{PUBLISHED_PORT}:{C1_PORT}");
+    let mut started = Vec::new();
+    for (name, publish) in [("c1", Some(pubspec.as_str())), ("c2", None)] {
+        let mut a = vec!["run", "-d", "--network", net, "--name", name];
+        if let Some(p) = publish {
+            a.extend_from_slice(&["-p", p]);
+        }
+        a.extend_from_slice(&["syb-busybox", "/bin/busybox", "sleep", "100000000"]);
+        docker(&a)?;
+        let pid = docker(&["inspect", "-f", "{{.State.Pid}}", name])?;
+        let ip_fmt = format!("{{{{(index .NetworkSettings.Networks \"{net}\").IPAddress}}}}");
+        let addr: Ipv4Addr = docker(&["inspect", "-f", &ip_fmt, name])?
+            .parse()
+            .map_err(|e| format!("{name}'s address: {e}"))?;
+        let ns = PathBuf::from(format!("/proc/{pid}/ns/net"));
+        sysctl(&ns, "net/ipv6/conf/all/disable_ipv6", "1")?;
+        started.push((ns, addr));
+    }
+    let (c2, c2_ip) = started.pop().expect("c2");
+    let (c1, c1_ip) = started.pop().expect("c1");
+    (t.c1, t.c1_ip, t.c2, t.c2_ip) = (c1, c1_ip, Some(c2), Some(c2_ip));
+    let version = docker(&["version", "-f", "{{.Server.Version}}"]).unwrap_or_default();
+    t.notes.push(match switchyard {
+        Some(_) => format!(
+            "dockerd {version}, containers on a -d switchyard network (tap endpoints from the remote driver), raw uplink up0, -p through switchyard"
+        ),
+        None => format!(
+            "dockerd {version}, containers on Docker's bridge network (veth, docker0, Docker's iptables rules, no userland proxy)"
+        ),
+    });
+    Ok(())
+}
+
 // ---- kernel bridge + iptables, the way Docker sets it up ----
 
 /// Docker's rules for one bridge network `br` with subnet SUBNET/24 and one published port.
@@ -368,9 +587,8 @@ COMMIT
     )
 }
 
-/// Host-side routing and NAT (shared by `kernel` and `ovs`): ip_forward, br_netfilter, Docker's
-/// iptables rules, the uplink address.
-fn host_nat(t: &mut Topo, host: &Path, br: &str, bridge_nf: bool) -> Result<(), String> {
+/// The uplink address on the host's up0, for dataplanes that route in the kernel.
+fn uplink_address(host: &Path) -> Result<(), String> {
     let hn = Topo::name_of(host);
     ip(&[
         "-n",
@@ -380,7 +598,13 @@ fn host_nat(t: &mut Topo, host: &Path, br: &str, bridge_nf: bool) -> Result<(), 
         &format!("{UPLINK_IP}/24"),
         "dev",
         "up0",
-    ])?;
+    ])
+}
+
+/// Host-side routing and NAT (shared by `kernel` and `ovs`): ip_forward, br_netfilter, Docker's
+/// iptables rules, the uplink address.
+fn host_nat(t: &mut Topo, host: &Path, br: &str, bridge_nf: bool) -> Result<(), String> {
+    uplink_address(host)?;
     sysctl(host, "net/ipv4/ip_forward", "1")?;
     if bridge_nf {
         // br_netfilter: bridged traffic goes through iptables too, as Docker turns it on.

@@ -15,13 +15,13 @@ use std::sync::Arc;
 
 use serde::Deserialize;
 use serde_json::{json, Value};
-use switchyard_switch::backend::tap::Tap;
 use switchyard_switch::MacAddr;
 
 use super::{seed_of, Daemon, Endpoint, State};
 use crate::dataplane::PortIo;
 use crate::error::{Error, Result};
 use crate::ipam::Ipv4Net;
+use crate::plumbing;
 use crate::proto::{self, EndpointType};
 use crate::spec::{PortMapping, Proto};
 use crate::state::EndpointRecord;
@@ -369,7 +369,8 @@ impl Daemon {
         let (nid, gateway, mtu) = (net.nid, net.rec.gateway, net.rec.mtu);
         // The interface Docker moves into the container: a tap made in our namespace.
         let ifname = format!("sy{}", &c.endpoint_id.chars().take(13).collect::<String>());
-        let tap = Tap::create(&ifname, false)
+        // With virtio-net headers and offloads, as `connect` makes them: 64 KB segments cross.
+        let tap = plumbing::create_offload_tap(&ifname)
             .map_err(|e| Error::system(format!("creating tap {ifname}: {e}")))?;
         let configure = || -> std::result::Result<(), crate::netlink::NetlinkError> {
             let mut nl = crate::netlink::Netlink::open()?;
