@@ -18,13 +18,11 @@ use mio::{Events, Interest, Poll, Registry, Token, Waker};
 use switchyard_nat::RxMeta;
 use switchyard_switch::backend::packet::PacketSocket;
 use switchyard_switch::backend::tap::Tap;
-use switchyard_switch::gso::{
-    complete_checksum, segment_tcp4, VnetHdr, GSO_NONE, GSO_TCPV4, VNET_HDR_LEN,
-};
-use switchyard_switch::{Instant, PortId};
+use switchyard_switch::gso::{self, VnetHdr, GSO_NONE, VNET_HDR_LEN};
+use switchyard_switch::{DropReason, Instant, PortId};
 
 use crate::error::{Error, Result};
-use crate::pipeline::{Out, Pipeline};
+use crate::pipeline::{Out, Pipeline, Verdict};
 use crate::uplink::{SocketCounters, SocketUplink, SocketUplinkConfig, TOKEN_BASE};
 
 mod dns_io;
@@ -82,37 +80,10 @@ impl PortIo {
             }
             _ => {}
         }
-        let raw = |f: &[u8]| match self {
+        write_finished(frame, hdr, scratch, |f| match self {
             PortIo::Tap(t) => t.write(f),
             PortIo::Packet(p) => p.write(f),
-        };
-        match hdr {
-            Some(h) if h.gso() == GSO_TCPV4 => {
-                let mut res = Ok(0);
-                let cut = segment_tcp4(frame, usize::from(h.gso_size), scratch, &mut |seg| {
-                    if res.is_ok() {
-                        res = raw(seg);
-                    }
-                });
-                cut.map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("{e:?}")))?;
-                res.map(|_| frame.len())
-            }
-            Some(h) if h.gso() == GSO_NONE && h.needs_csum() => {
-                scratch.clear();
-                scratch.extend_from_slice(frame);
-                complete_checksum(
-                    scratch,
-                    usize::from(h.csum_start),
-                    usize::from(h.csum_offset),
-                );
-                raw(scratch)
-            }
-            Some(_) => Err(io::Error::new(
-                io::ErrorKind::Unsupported,
-                "GSO kind not cut in software",
-            )),
-            None => raw(frame),
-        }
+        })
     }
     fn raw_fd(&self) -> RawFd {
         match self {
@@ -120,6 +91,27 @@ impl PortIo {
             PortIo::Packet(p) => p.as_raw_fd(),
         }
     }
+}
+
+/// Write an offloaded frame through `raw`, which takes wire frames only: cut or checksummed in
+/// software first (see `gso::finish`); the first write error ends it.
+fn write_finished(
+    frame: &[u8],
+    hdr: Option<&VnetHdr>,
+    scratch: &mut Vec<u8>,
+    raw: impl Fn(&[u8]) -> io::Result<usize>,
+) -> io::Result<usize> {
+    if hdr.is_none() {
+        return raw(frame);
+    }
+    let mut res = Ok(0);
+    let cut = gso::finish(frame, hdr, scratch, &mut |w| {
+        if res.is_ok() {
+            res = raw(w);
+        }
+    });
+    cut.map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("offload: {e:?}")))?;
+    res.map(|_| frame.len())
 }
 
 /// A frame from an endpoint's AF_PACKET socket with its vnet header when it asks for something.
@@ -234,7 +226,6 @@ pub struct DpState {
     host: Option<SocketUplink>,
     /// The embedded DNS server's host socket and timers (see `dns_io.rs`).
     dns_io: dns_io::DnsIo,
-    gso_scratch: Vec<u8>,
     tx_scratch: Vec<u8>,
     registry: Registry,
     start: std::time::Instant,
@@ -313,7 +304,6 @@ impl DpState {
             uplink_counters: up,
             captures,
             host,
-            gso_scratch,
             tx_scratch,
             ..
         } = self;
@@ -337,10 +327,14 @@ impl DpState {
                 },
                 Out::Uplink => {
                     let Some(u) = uplink else { return false };
-                    let r = u.write(frame);
+                    let r = match hdr {
+                        Some(h) if u.is_vnet() => u.write_with_hdr(&h.emit(), frame),
+                        _ => write_finished(frame, hdr, tx_scratch, |f| u.write(f)),
+                    };
                     if r.is_ok() {
-                        tx_pk += 1;
-                        tx_by += frame.len() as u64;
+                        let (pk, by) = gso::wire_size(frame.len(), hdr);
+                        tx_pk += pk;
+                        tx_by += by;
                     } else {
                         tx_fail += 1;
                     }
@@ -392,30 +386,23 @@ impl DpState {
                             }
                         }
                         None => {
-                            rx_pk += 1;
-                            rx_by += n as u64;
+                            let (pk, by) = gso::wire_size(n, gso.as_ref());
+                            rx_pk += pk;
+                            rx_by += by;
                             match gso {
-                                // A TSO/GRO frame from the uplink: cut it here, the NAT path
-                                // takes MTU-sized packets.
-                                Some(h) if h.gso() == GSO_TCPV4 => {
-                                    let r = segment_tcp4(
-                                        frame,
-                                        usize::from(h.gso_size),
-                                        gso_scratch,
-                                        &mut |seg| {
-                                            pipeline.from_uplink(
-                                                seg,
-                                                RxMeta::default(),
-                                                now,
-                                                &mut |o, f| tx(o, f, None),
-                                            );
-                                        },
-                                    );
-                                    if r.is_err() {
+                                // A TSO/GRO frame from the uplink: translated whole where the
+                                // flow allows, cut otherwise (see from_uplink_offloaded).
+                                Some(h) => {
+                                    let v = pipeline.from_uplink_offloaded(frame, &h, now, &mut tx);
+                                    if matches!(
+                                        v,
+                                        Verdict::Dropped(
+                                            DropReason::Unsupported | DropReason::Malformed
+                                        )
+                                    ) {
                                         up.gso_dropped += 1;
                                     }
                                 }
-                                Some(_) => up.gso_dropped += 1,
                                 None => {
                                     pipeline
                                         .from_uplink(frame, meta, now, &mut |o, f| tx(o, f, None));
@@ -607,7 +594,6 @@ impl Dataplane {
             captures: Captures::default(),
             host: None,
             dns_io: dns_io::DnsIo::default(),
-            gso_scratch: Vec::with_capacity(MAX_FRAME),
             tx_scratch: Vec::with_capacity(MAX_FRAME),
             registry,
             start: std::time::Instant::now(),

@@ -16,7 +16,7 @@ use switchyard_switch::{
     DropReason, Forward, Instant, MacAddr, NetworkId, PortId, PortKind, Switch, SwitchConfig,
 };
 
-use switchyard_switch::gso::{segment_tcp4, VnetHdr, GSO_NONE, GSO_TCPV4};
+use switchyard_switch::gso::{finish, segment_tcp4, VnetHdr, GSO_NONE, GSO_TCPV4};
 
 use crate::dns::packet::{ip_frame, tcp_to, udp_frame, udp_packet, udp_to, DNS_PORT};
 use crate::dns::{
@@ -33,8 +33,26 @@ pub enum Out {
     Uplink,
 }
 
-/// Where offloaded frames go: the egress, the frame, and its virtio-net header if it keeps one.
+/// Where offloaded frames go: the egress, the frame, and its virtio-net header if it keeps one
+/// (a GSO super-frame or a partial checksum: an egress that cannot take it finishes it in
+/// software, `switchyard_switch::gso::finish`).
 pub type OffloadTx<'a> = dyn FnMut(Out, &[u8], Option<&VnetHdr>) -> bool + 'a;
+
+/// An [`OffloadTx`] over a transmit that takes wire frames only: an offloaded frame is finished
+/// in software first. Only offloaded input makes offloaded output, so for the callers of the
+/// plain entry points this never cuts anything; it is there so nothing can leak.
+fn wire_tx<'a>(
+    tx: &'a mut dyn FnMut(Out, &[u8]) -> bool,
+) -> impl FnMut(Out, &[u8], Option<&VnetHdr>) -> bool + 'a {
+    move |o, f, h| match h {
+        None => tx(o, f),
+        Some(h) => {
+            let mut ok = true;
+            let r = finish(f, Some(h), &mut Vec::new(), &mut |w| ok &= tx(o, w));
+            ok && r.is_ok()
+        }
+    }
+}
 
 /// What became of one input frame (replay's verdicts).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -215,7 +233,7 @@ impl Pipeline {
         tx: &mut dyn FnMut(Out, &[u8]) -> bool,
     ) -> Verdict {
         self.host.clear();
-        self.port_rx(ingress, frame, meta, now, tx)
+        self.port_rx(ingress, frame, meta, now, &mut wire_tx(tx))
     }
 
     /// Turn host mode on or off: with no raw uplink, traffic to outside addresses is handed to
@@ -240,7 +258,7 @@ impl Pipeline {
         let mut emits = std::mem::take(&mut self.emits);
         emits.clear();
         let v = self.router.inject_from_host(packet, now, &mut emits);
-        self.deliver(&emits, now, tx);
+        self.deliver(&emits, now, &mut wire_tx(tx));
         self.emits = emits;
         from_router(v)
     }
@@ -251,7 +269,7 @@ impl Pipeline {
         frame: &[u8],
         meta: RxMeta,
         now: Instant,
-        tx: &mut dyn FnMut(Out, &[u8]) -> bool,
+        tx: &mut OffloadTx<'_>,
     ) -> Verdict {
         match self.switch.handle_frame(ingress, frame, now) {
             Forward::Drop(r) => Verdict::Dropped(r),
@@ -285,6 +303,17 @@ impl Pipeline {
         tx: &mut OffloadTx<'_>,
     ) -> Verdict {
         self.host.clear();
+        self.port_rx_offloaded(ingress, frame, hdr, now, tx)
+    }
+
+    fn port_rx_offloaded(
+        &mut self,
+        ingress: PortId,
+        frame: &[u8],
+        hdr: &VnetHdr,
+        now: Instant,
+        tx: &mut OffloadTx<'_>,
+    ) -> Verdict {
         // The size on the wire of one segment, for the MTU check (a lower bound: TCP options
         // are not counted, so a legal frame is never refused).
         let wire = if hdr.gso() == GSO_NONE {
@@ -330,21 +359,36 @@ impl Pipeline {
                 Verdict::Dropped(DropReason::TxFailed)
             };
         }
-        let mut plain = |o: Out, f: &[u8]| tx(o, f, None);
         if hdr.gso() == GSO_NONE {
             let meta = RxMeta {
                 partial_csum: hdr.needs_csum(),
             };
-            return self.output(port, frame, meta, now, &mut plain, flooded);
+            return self.output(port, frame, meta, now, tx, flooded);
         }
         if hdr.gso() != GSO_TCPV4 {
             self.switch.note_drop(port, DropReason::Unsupported);
             return Verdict::Dropped(DropReason::Unsupported);
         }
+        // An established TCP flow: translated whole. Anything else is cut here and each
+        // segment takes the wire path (new flows, local traffic, ICMP errors, host mode).
+        if let Some(net) = self.switch.port_network(port) {
+            let mut emits = std::mem::take(&mut self.emits);
+            emits.clear();
+            let v = self
+                .router
+                .handle_gso_from_network(net, frame, hdr, now, &mut emits);
+            if let Some(v) = v {
+                self.switch.note_tx(port, frame.len());
+                self.deliver(&emits, now, tx);
+                self.emits = emits;
+                return from_router(v);
+            }
+            self.emits = emits;
+        }
         let mut scratch = std::mem::take(&mut self.seg);
         let mut verdict = Verdict::Dropped(DropReason::Malformed);
         let r = segment_tcp4(frame, usize::from(hdr.gso_size), &mut scratch, &mut |seg| {
-            verdict = self.output(port, seg, RxMeta::default(), now, &mut plain, flooded);
+            verdict = self.output(port, seg, RxMeta::default(), now, tx, flooded);
         });
         self.seg = scratch;
         if r.is_err() {
@@ -368,9 +412,53 @@ impl Pipeline {
         let mut emits = std::mem::take(&mut self.emits);
         emits.clear();
         let v = self.router.handle_from_uplink(frame, meta, now, &mut emits);
-        self.deliver(&emits, now, tx);
+        self.deliver(&emits, now, &mut wire_tx(tx));
         self.emits = emits;
         from_router(v)
+    }
+
+    /// A TCP GSO super-frame received on the uplink (`hdr`: GRO, or a TSO peer through
+    /// PACKET_VNET_HDR): an established flow's is translated whole and leaves with its header
+    /// (`tx` is given `Some`); anything else is cut and each segment taken by
+    /// [`Self::from_uplink`]. Other offloads (UDP, IPv6 GSO) are dropped as unsupported.
+    pub fn from_uplink_offloaded(
+        &mut self,
+        frame: &[u8],
+        hdr: &VnetHdr,
+        now: Instant,
+        tx: &mut OffloadTx<'_>,
+    ) -> Verdict {
+        self.host.clear();
+        if hdr.gso() == GSO_NONE {
+            let meta = RxMeta {
+                partial_csum: hdr.needs_csum(),
+            };
+            return self.from_uplink(frame, meta, now, &mut |o, f| tx(o, f, None));
+        }
+        if hdr.gso() != GSO_TCPV4 {
+            return Verdict::Dropped(DropReason::Unsupported);
+        }
+        let mut emits = std::mem::take(&mut self.emits);
+        emits.clear();
+        let v = self
+            .router
+            .handle_gso_from_uplink(frame, hdr, now, &mut emits);
+        if let Some(v) = v {
+            self.deliver(&emits, now, tx);
+            self.emits = emits;
+            return from_router(v);
+        }
+        self.emits = emits;
+        let mut scratch = std::mem::take(&mut self.seg);
+        let mut verdict = Verdict::Dropped(DropReason::Malformed);
+        let r = segment_tcp4(frame, usize::from(hdr.gso_size), &mut scratch, &mut |seg| {
+            verdict = self.from_uplink(seg, RxMeta::default(), now, &mut |o, f| tx(o, f, None));
+        });
+        self.seg = scratch;
+        if r.is_err() {
+            return Verdict::Dropped(DropReason::Malformed);
+        }
+        verdict
     }
 
     fn output(
@@ -379,14 +467,14 @@ impl Pipeline {
         frame: &[u8],
         meta: RxMeta,
         now: Instant,
-        tx: &mut dyn FnMut(Out, &[u8]) -> bool,
+        tx: &mut OffloadTx<'_>,
         flooded: bool,
     ) -> Verdict {
         if self.switch.port_kind(port) == Some(PortKind::Router) {
             let Some(net) = self.switch.port_network(port) else {
                 return Verdict::Dropped(DropReason::UnknownPort);
             };
-            if let Some(v) = self.dns_query(net, frame, meta, now, tx) {
+            if let Some(v) = self.dns_query(net, frame, meta, now, &mut |o, f| tx(o, f, None)) {
                 self.switch.note_tx(port, frame.len());
                 return v;
             }
@@ -405,7 +493,7 @@ impl Pipeline {
             self.emits = emits;
             return from_router(v);
         }
-        if tx(Out::Port(port), frame) {
+        if tx(Out::Port(port), frame, None) {
             self.switch.note_tx(port, frame.len());
             Verdict::Forwarded
         } else {
@@ -414,12 +502,13 @@ impl Pipeline {
         }
     }
 
-    /// Send what the router emitted: to the uplink as is, into a network through its router port.
-    fn deliver(&mut self, emits: &Emits, now: Instant, tx: &mut dyn FnMut(Out, &[u8]) -> bool) {
-        for (egress, frame) in emits.iter() {
+    /// Send what the router emitted: to the uplink as is, into a network through its router
+    /// port; a GSO super-frame keeps its header on both ways.
+    fn deliver(&mut self, emits: &Emits, now: Instant, tx: &mut OffloadTx<'_>) {
+        for (egress, frame, hdr) in emits.iter_offloaded() {
             match egress {
                 RouterEgress::Uplink => {
-                    tx(Out::Uplink, frame);
+                    tx(Out::Uplink, frame, hdr);
                 }
                 RouterEgress::Host => {
                     self.host.push_copy(RouterEgress::Host, frame);
@@ -428,7 +517,10 @@ impl Pipeline {
                     if let Some(rp) = self.router_port(net) {
                         // From the router port the switch never hands a frame back to the
                         // router (no egress by the ingress port), so this cannot recurse.
-                        self.port_rx(rp, frame, RxMeta::default(), now, tx);
+                        match hdr {
+                            Some(h) => self.port_rx_offloaded(rp, frame, h, now, tx),
+                            None => self.port_rx(rp, frame, RxMeta::default(), now, tx),
+                        };
                     }
                 }
             }
@@ -671,7 +763,7 @@ impl Pipeline {
             return false;
         };
         let f = ip_frame(gw_mac, mac, pkt);
-        self.port_rx(rp, &f, RxMeta::default(), now, tx);
+        self.port_rx(rp, &f, RxMeta::default(), now, &mut wire_tx(tx));
         true
     }
 
@@ -706,7 +798,7 @@ impl Pipeline {
                     };
                     let from = SocketAddrV4::new(server, DNS_PORT);
                     let f = udp_frame(gw_mac, mac, from, client, &payload);
-                    self.port_rx(rp, &f, RxMeta::default(), now, tx);
+                    self.port_rx(rp, &f, RxMeta::default(), now, &mut wire_tx(tx));
                     replied = true;
                 }
                 DnsOut::Upstream { to, port, payload } => {
@@ -745,7 +837,11 @@ impl Pipeline {
         let mut emits = std::mem::take(&mut self.emits);
         emits.clear();
         self.router.send_from_uplink_addr(pkt, now, &mut emits);
-        self.deliver(&emits, now, tx);
+        self.deliver(&emits, now, &mut wire_tx(tx));
         self.emits = emits;
     }
 }
+
+#[cfg(test)]
+#[path = "pipeline_gso_tests.rs"]
+mod gso_tests;

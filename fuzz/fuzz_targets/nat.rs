@@ -1,10 +1,12 @@
 #![no_main]
 //! Frames from the containers and from the uplink, with time steps and expiry, through the
 //! pipeline the daemon runs (the fuzz topology: three networks, one internal, published ports,
-//! a 16-flow conntrack table). Invariants: every IPv4 packet the router emits has valid IP and
-//! TCP/UDP/ICMP checksums (UDP zero allowed); the conntrack table stays within its maximum;
-//! nothing larger than the egress MTU plus 18 leaves; nothing leaves by its ingress port or
-//! into another network.
+//! a 16-flow conntrack table), some as TCP GSO super-frames with a virtio-net header (the
+//! offloaded entry points). Invariants: every IPv4 packet the router emits has valid IP and
+//! TCP/UDP/ICMP checksums (UDP zero allowed; a GSO frame's once cut); the conntrack table
+//! stays within its maximum; nothing larger than the egress MTU plus 18 leaves without a
+//! header, and a frame with one is a TCPv4 GSO frame whose segments fit; nothing leaves by
+//! its ingress port or into another network.
 
 use std::collections::HashMap;
 use std::sync::OnceLock;
@@ -12,9 +14,10 @@ use std::sync::OnceLock;
 use libfuzzer_sys::fuzz_target;
 use switchyard_control::pipeline::Out;
 use switchyard_control::topology::Topology;
-use switchyard_fuzz::{checksum_error, decode_ops, CONNTRACK_MAX, TOPOLOGY};
+use switchyard_fuzz::{checksum_error, decode_ops, gso_hdr, CONNTRACK_MAX, TOPOLOGY};
 use switchyard_nat::RxMeta;
 use switchyard_switch::frame::ETH_OVERHEAD;
+use switchyard_switch::gso::{complete_checksum, segment_tcp4, VnetHdr, GSO_TCPV4};
 use switchyard_switch::{Instant, MacAddr, PortId};
 
 /// Per endpoint port: its network (index), that network's MTU and gateway MAC.
@@ -79,9 +82,46 @@ fuzz_target!(|data: &[u8]| {
             }
             true
         };
-        match ingress {
-            Some(id) => p.from_port(id, &op.frame.0, meta, now, &mut tx),
-            None => p.from_uplink(&op.frame.0, meta, now, &mut tx),
+        let mut scratch = Vec::new();
+        let mut otx = |o: Out, f: &[u8], h: Option<&VnetHdr>| {
+            let Some(h) = h else { return tx(o, f) };
+            let from_router = match o {
+                Out::Uplink => true,
+                Out::Port(id) => MacAddr::src_of(f) == Some(info[&id].2),
+            };
+            if !from_router {
+                // Switched with the sender's header: the egress port (the kernel) checks it.
+                let Out::Port(id) = o else { unreachable!() };
+                assert!(Some(id) != ingress, "left by its ingress port");
+                if let Some(n) = ingress_net {
+                    assert_eq!(info[&id].0, n, "crossed networks");
+                }
+                return true;
+            }
+            // Translated whole: a TCPv4 GSO frame with a valid IPv4 header and total length,
+            // whose partial checksum finishes into the right one, and whose segments fit.
+            assert_eq!(h.gso(), GSO_TCPV4, "a header that is not TCPv4 GSO");
+            assert_eq!(usize::from(u16::from_be_bytes([f[16], f[17]])), f.len() - 14);
+            let mut whole = f.to_vec();
+            assert!(complete_checksum(
+                &mut whole,
+                usize::from(h.csum_start),
+                usize::from(h.csum_offset)
+            ));
+            if let Some(e) = checksum_error(&whole) {
+                panic!("router emitted a GSO frame with a bad {e} to {o:?}");
+            }
+            segment_tcp4(f, usize::from(h.gso_size), &mut scratch, &mut |s| {
+                tx(o, s);
+            })
+            .expect("an emitted GSO frame cuts");
+            true
+        };
+        match (ingress, gso_hdr(op.flags)) {
+            (Some(id), Some(h)) => p.from_port_offloaded(id, &op.frame.0, &h, now, &mut otx),
+            (None, Some(h)) => p.from_uplink_offloaded(&op.frame.0, &h, now, &mut otx),
+            (Some(id), None) => p.from_port(id, &op.frame.0, meta, now, &mut tx),
+            (None, None) => p.from_uplink(&op.frame.0, meta, now, &mut tx),
         };
         assert!(
             p.router.conntrack_len() <= CONNTRACK_MAX,

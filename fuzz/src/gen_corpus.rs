@@ -316,7 +316,39 @@ fn nat_sequences() -> Vec<(&'static str, Vec<Op>)> {
         flags: 1,
         ..op(P_C1, 0, partial)
     }];
+    // TCP GSO super-frames (flags: partial checksum, GSO, segment size 88 + 44 * 31) both ways
+    // of an established masquerade flow.
+    let body: Vec<u8> = (0..20_000u32).map(|i| (i % 251) as u8).collect();
+    let big = |mut f: Vec<u8>, src: [u8; 4], dst: [u8; 4]| {
+        let s = switchyard_switch::gso::pseudo_sum4(src, dst, 6, f.len() - 34);
+        f[50..52].copy_from_slice(&s.to_be_bytes());
+        Op {
+            flags: 1 | 4 | (31 << 3),
+            ..op(P_C1, 5, f)
+        }
+    };
+    let gso = vec![
+        op(P_C1, 0, c1(40003, 443, 100, 0, SYN)),
+        op(P_UP, 10, out(443, 40003, 900, 101, SYN | ACK)),
+        big(
+            tcp(GW1_MAC, C1_MAC, C1, OUTSIDE, 40003, 443, 101, 901, PSH | ACK, &body),
+            C1,
+            OUTSIDE,
+        ),
+        Op {
+            port: P_UP,
+            ..big(
+                tcp(
+                    UPLINK_MAC, NEXT_HOP, OUTSIDE, UPLINK_IP, 443, 40003, 901, 20101, PSH | ACK,
+                    &body,
+                ),
+                OUTSIDE,
+                UPLINK_IP,
+            )
+        },
+    ];
     vec![
+        ("gso-session", gso),
         ("tcp-session", tcp_session),
         ("published", published),
         ("udp-icmp-frag", udp_icmp),

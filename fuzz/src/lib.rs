@@ -39,6 +39,7 @@ pub struct Op {
     pub port: u8,
     /// Bit 0: the frame's L4 checksum is marked partial (offload metadata).
     /// Bit 1: run housekeeping (expiry) before the frame.
+    /// Bit 2 (nat target): the frame comes as a TCPv4 GSO super-frame ([`gso_hdr`]).
     pub flags: u8,
     pub dt_ms: u16,
     pub frame: Frame,
@@ -68,6 +69,20 @@ pub fn encode_ops(ops: &[Op]) -> Vec<u8> {
         v.extend_from_slice(&op.frame.0);
     }
     v
+}
+
+/// The virtio-net header of an op whose flags ask for GSO (bit 2): TCPv4, the checksum
+/// partial at the TCP one when bit 0 is set too, a segment size picked by bits 3-7.
+pub fn gso_hdr(flags: u8) -> Option<switchyard_switch::gso::VnetHdr> {
+    use switchyard_switch::gso::{VnetHdr, GSO_TCPV4, VNET_F_NEEDS_CSUM};
+    (flags & 4 != 0).then(|| VnetHdr {
+        flags: if flags & 1 != 0 { VNET_F_NEEDS_CSUM } else { 0 },
+        gso_type: GSO_TCPV4,
+        hdr_len: 54,
+        gso_size: 88 + 44 * u16::from(flags >> 3),
+        csum_start: 34,
+        csum_offset: 16,
+    })
 }
 
 /// The conntrack limit of [`TOPOLOGY`]: small, so the fuzzer can fill it.

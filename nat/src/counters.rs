@@ -29,6 +29,8 @@ pub struct NatCounters {
     pub translated_in: u64,
     /// Packets translated from a network back into the same network (hairpin).
     pub hairpinned: u64,
+    /// TCP GSO super-frames translated whole (their segments are counted above too).
+    pub gso_translated: u64,
     pub fragments_translated: u64,
     pub icmp_errors_sent: u64,
     pub icmp_errors_translated: u64,

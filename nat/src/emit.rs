@@ -3,6 +3,7 @@
 
 use std::ops::Range;
 
+use switchyard_switch::gso::VnetHdr;
 use switchyard_switch::NetworkId;
 
 /// Where an emitted frame goes.
@@ -16,11 +17,12 @@ pub enum Egress {
     Host,
 }
 
-/// Reusable output buffer of emitted Ethernet frames.
+/// Reusable output buffer of emitted Ethernet frames. A frame may carry a virtio-net header: a
+/// TCP GSO super-frame translated whole, for the egress to pass on or to cut.
 #[derive(Default, Debug, Clone)]
 pub struct Emits {
     arena: Vec<u8>,
-    frames: Vec<(Egress, Range<usize>)>,
+    frames: Vec<(Egress, Range<usize>, Option<VnetHdr>)>,
 }
 
 impl Emits {
@@ -42,38 +44,62 @@ impl Emits {
         self.frames.is_empty()
     }
 
+    /// Every frame with its egress. A frame with a virtio-net header ([`Self::iter_offloaded`])
+    /// is not a wire frame: only callers that never feed GSO frames may use this.
     pub fn iter(&self) -> impl Iterator<Item = (Egress, &[u8])> {
         self.frames
             .iter()
-            .map(move |(e, r)| (*e, &self.arena[r.clone()]))
+            .map(move |(e, r, _)| (*e, &self.arena[r.clone()]))
+    }
+
+    /// Every frame with its egress and its virtio-net header, if it is a GSO super-frame.
+    pub fn iter_offloaded(&self) -> impl Iterator<Item = (Egress, &[u8], Option<&VnetHdr>)> {
+        self.frames
+            .iter()
+            .map(move |(e, r, h)| (*e, &self.arena[r.clone()], h.as_ref()))
     }
 
     /// The `i`-th frame.
     pub fn get(&self, i: usize) -> Option<(Egress, &[u8])> {
         self.frames
             .get(i)
-            .map(|(e, r)| (*e, &self.arena[r.clone()]))
+            .map(|(e, r, _)| (*e, &self.arena[r.clone()]))
+    }
+
+    /// The virtio-net header of the `i`-th frame, when it is a GSO super-frame.
+    pub fn offload(&self, i: usize) -> Option<&VnetHdr> {
+        self.frames.get(i).and_then(|(_, _, h)| h.as_ref())
     }
 
     /// Append a zeroed frame of `len` bytes and return it for the caller to fill.
     pub(crate) fn push(&mut self, egress: Egress, len: usize) -> &mut [u8] {
         let start = self.arena.len();
         self.arena.resize(start + len, 0);
-        self.frames.push((egress, start..start + len));
+        self.frames.push((egress, start..start + len, None));
         &mut self.arena[start..]
     }
 
     /// Append a copy of `bytes` and return the copy for in-place rewriting.
     pub fn push_copy(&mut self, egress: Egress, bytes: &[u8]) -> &mut [u8] {
+        self.push_copy_offloaded(egress, bytes, None)
+    }
+
+    /// [`Self::push_copy`] for a frame that goes out with a virtio-net header.
+    pub(crate) fn push_copy_offloaded(
+        &mut self,
+        egress: Egress,
+        bytes: &[u8],
+        hdr: Option<VnetHdr>,
+    ) -> &mut [u8] {
         let start = self.arena.len();
         self.arena.extend_from_slice(bytes);
-        self.frames.push((egress, start..start + bytes.len()));
+        self.frames.push((egress, start..start + bytes.len(), hdr));
         &mut self.arena[start..]
     }
 
     /// Drop the most recent frame (a rewrite that turned out impossible).
     pub(crate) fn pop(&mut self) {
-        if let Some((_, r)) = self.frames.pop() {
+        if let Some((_, r, _)) = self.frames.pop() {
             self.arena.truncate(r.start);
         }
     }

@@ -21,13 +21,23 @@
 //! conntrack update, same counters. Anything unusual bails out: IP options, fragments,
 //! offloaded partial checksums, ICMP, a miss or an expired entry in conntrack, TTL <= 1, an
 //! unresolved next hop or unknown endpoint, a packet over the egress MTU, local or
-//! inter-network destinations, host mode.
+//! inter-network destinations, host mode. (A packet to the uplink address from a network is
+//! a hairpin flow's when conntrack has it, as on the full path.)
+//!
+//! TCP GSO super-frames (up to 64 KB with a virtio-net header, from a TSO sender or GRO) take
+//! this same path whole ([`Router::handle_gso_from_network`]): the MTU checks apply to their
+//! largest segment, the TCP checksum is left partial (the pseudo-header sum of the new
+//! addresses and the whole TCP length, Linux's CHECKSUM_PARTIAL convention) for the egress or
+//! `segment_tcp4` to finish, and the counters count the segments. What the fast path refuses
+//! the caller cuts, and each segment takes the ordinary path.
 
 use std::net::Ipv4Addr;
 
 use switchyard_switch::{Instant, MacAddr, NetworkId};
 
-use crate::config::{in_subnet, RxMeta};
+use switchyard_switch::gso::{pseudo_sum4, VnetHdr, GSO_TCPV4, VNET_F_NEEDS_CSUM};
+
+use crate::config::{in_subnet, RxMeta, Verdict};
 use crate::conntrack::tcp::TcpFlags;
 use crate::conntrack::{Tuple, Zone, L4, UPLINK_ZONE, WARM_MAX};
 use crate::emit::{Egress, Emits};
@@ -88,6 +98,9 @@ fn verifies(s: u64) -> bool {
 struct Pkt {
     /// Ethernet + IP total length (the frame without Ethernet padding).
     len: usize,
+    /// The IP length of one packet on the wire, for the MTU checks: the IP total length, or
+    /// for a GSO super-frame the length of its largest segment.
+    wire: usize,
     src: u32,
     dst: u32,
     ttl: u8,
@@ -100,9 +113,10 @@ struct Pkt {
 /// Parse and validate an Ethernet/IPv4 (no options, not a fragment)/TCP-or-UDP frame with the
 /// same acceptance as `parse_rx` + `parse_l4`, checksums aside ([`checksums_ok`]); `None`
 /// otherwise (the full path then decides, possibly accepting what this refuses, never the
-/// reverse).
+/// reverse). With `gso` (a TCPv4 GSO header): a TCP super-frame whose IP total length is the
+/// whole frame, with data to cut.
 #[inline(always)]
-fn parse(frame: &[u8]) -> Option<Pkt> {
+fn parse(frame: &[u8], gso: Option<&VnetHdr>) -> Option<Pkt> {
     // Everything up to the UDP header's end through one fixed-size array: no bounds checks.
     let h: &[u8; ETH_LEN + IP_HDR + 8] = frame.get(..ETH_LEN + IP_HDR + 8)?.try_into().ok()?;
     // IPv4, version 4, 20-byte header; no MF, offset 0 (DF and the reserved bit pass, as in
@@ -122,6 +136,7 @@ fn parse(frame: &[u8]) -> Option<Pkt> {
     let proto = h[23];
     let l4len = total - IP_HDR;
     let l4 = &frame[ETH_LEN + IP_HDR..ETH_LEN + total];
+    let mut wire = total;
     let tcp = match proto {
         PROTO_TCP => {
             // smoltcp's TcpPacket::check_len: 20 bytes, data offset in 20..=len.
@@ -132,9 +147,25 @@ fn parse(frame: &[u8]) -> Option<Pkt> {
             if doff < 20 || doff > l4len {
                 return None;
             }
+            if let Some(g) = gso {
+                let mss = usize::from(g.gso_size);
+                let data = l4len - doff;
+                let partial_at = |start: u16, off: u16| {
+                    usize::from(start) == ETH_LEN + IP_HDR && usize::from(off) == 16
+                };
+                if g.gso() != GSO_TCPV4
+                    || mss == 0
+                    || data == 0
+                    || ETH_LEN + total != frame.len()
+                    || (g.needs_csum() && !partial_at(g.csum_start, g.csum_offset))
+                {
+                    return None;
+                }
+                wire = IP_HDR + doff + mss.min(data);
+            }
             true
         }
-        PROTO_UDP => {
+        PROTO_UDP if gso.is_none() => {
             if usize::from(rd16(h, 38)) != l4len {
                 return None;
             }
@@ -144,6 +175,7 @@ fn parse(frame: &[u8]) -> Option<Pkt> {
     };
     Some(Pkt {
         len: ETH_LEN + total,
+        wire,
         src,
         dst,
         ttl: h[22],
@@ -154,17 +186,23 @@ fn parse(frame: &[u8]) -> Option<Pkt> {
     })
 }
 
+/// The IPv4 header checksum check of the full path.
+#[inline(always)]
+fn ip_checksum_ok(frame: &[u8]) -> bool {
+    let ip = &frame[ETH_LEN..ETH_LEN + IP_HDR];
+    let w = |i: usize| u64::from(rd32(ip, i));
+    verifies(w(0) + w(4) + w(8) + w(12) + w(16))
+}
+
 /// The checksum checks of the full path (IPv4 header; TCP, or UDP unless its checksum is 0,
 /// under the pseudo-header) for a frame [`parse`] accepted. Run after the conntrack lookup
 /// hit, so a new flow (which takes the full path anyway) does not pay for them twice.
 #[inline(always)]
 fn checksums_ok(frame: &[u8], p: &Pkt) -> bool {
-    let ip = &frame[ETH_LEN..p.len];
-    let w = |i: usize| u64::from(rd32(ip, i));
-    if !verifies(w(0) + w(4) + w(8) + w(12) + w(16)) {
+    if !ip_checksum_ok(frame) {
         return false;
     }
-    let l4 = &ip[IP_HDR..];
+    let l4 = &frame[ETH_LEN + IP_HDR..p.len];
     // Zero UDP checksum: none to verify.
     if !p.tcp && rd16(l4, 6) == 0 {
         return true;
@@ -229,33 +267,51 @@ impl Router {
         now: Instant,
         out: &mut Emits,
     ) -> Option<()> {
+        if meta.partial_csum {
+            return None;
+        }
+        self.fast_network(net, frame, None, now, out)
+    }
+
+    /// A frame from `net` for the fast path, whole (`gso`: a TCP super-frame).
+    #[inline(always)]
+    fn fast_network(
+        &mut self,
+        net: NetworkId,
+        frame: &[u8],
+        gso: Option<&VnetHdr>,
+        now: Instant,
+        out: &mut Emits,
+    ) -> Option<()> {
         // Host mode and "no route" both need `uplink == None`: excluded here.
         let up = self.uplink?;
         let n = self.net(net)?;
-        if meta.partial_csum
-            || n.internal
-            || frame.len() > n.mtu + switchyard_switch::frame::ETH_OVERHEAD
+        let limit = n.mtu + switchyard_switch::frame::ETH_OVERHEAD;
+        if n.internal
+            || (gso.is_none() && frame.len() > limit)
             || frame.get(0..6)? != n.gateway_mac.0
         {
             return None;
         }
-        let p = parse(frame)?;
+        let p = parse(frame, gso)?;
+        if ETH_LEN + p.wire > limit {
+            return None;
+        }
         let d = Ipv4Addr::from_bits(p.dst);
         let bcast = n.subnet.to_bits() | !crate::config::mask(n.prefix_len);
         if d.is_broadcast()
             || d.is_multicast()
             || p.dst == bcast
             || d == n.gateway_ip
-            || d == up.addr
-            || in_subnet(d, n.subnet, n.prefix_len)
-            || self
-                .nets
-                .iter()
-                .any(|o| o.id != net && (in_subnet(d, o.subnet, o.prefix_len) || d == o.gateway_ip))
+            || (d != up.addr
+                && (in_subnet(d, n.subnet, n.prefix_len)
+                    || self.nets.iter().any(|o| {
+                        o.id != net && (in_subnet(d, o.subnet, o.prefix_len) || d == o.gateway_ip)
+                    })))
         {
             return None;
         }
-        self.fast_forward(net.0, frame, &p, now, out)
+        self.fast_forward(net.0, frame, &p, gso, now, out)
     }
 
     /// Fast path of [`Router::handle_from_uplink`]; `None`: take the full path.
@@ -267,18 +323,63 @@ impl Router {
         now: Instant,
         out: &mut Emits,
     ) -> Option<()> {
+        if meta.partial_csum {
+            return None;
+        }
+        self.fast_uplink(frame, None, now, out)
+    }
+
+    /// A frame from the uplink for the fast path, whole (`gso`: a TCP super-frame).
+    #[inline(always)]
+    fn fast_uplink(
+        &mut self,
+        frame: &[u8],
+        gso: Option<&VnetHdr>,
+        now: Instant,
+        out: &mut Emits,
+    ) -> Option<()> {
         let up = self.uplink?;
-        if meta.partial_csum
-            || frame.len() > self.cfg.uplink_mtu + switchyard_switch::frame::ETH_OVERHEAD
-            || frame.get(0..6)? != up.mac.0
-        {
+        let limit = self.cfg.uplink_mtu + switchyard_switch::frame::ETH_OVERHEAD;
+        if (gso.is_none() && frame.len() > limit) || frame.get(0..6)? != up.mac.0 {
             return None;
         }
-        let p = parse(frame)?;
-        if p.dst != up.addr.to_bits() {
+        let p = parse(frame, gso)?;
+        if ETH_LEN + p.wire > limit || p.dst != up.addr.to_bits() {
             return None;
         }
-        self.fast_forward(UPLINK_ZONE, frame, &p, now, out)
+        self.fast_forward(UPLINK_ZONE, frame, &p, gso, now, out)
+    }
+
+    /// A TCP GSO super-frame (`hdr`: TCPv4 GSO, its checksum partial or not) of an established
+    /// connection from `net`, translated whole: it leaves as one frame with a virtio-net
+    /// header (partial checksum over the new addresses), counted as its segments. `None`, with
+    /// no side effect at all, for anything the fast path would not take (a new flow, local
+    /// traffic, a segment over the egress MTU, ...): the caller cuts it
+    /// (`switchyard_switch::gso::segment_tcp4`) and hands the segments to
+    /// [`Router::handle_from_network`], which then decides exactly as for wire packets.
+    pub fn handle_gso_from_network(
+        &mut self,
+        net: NetworkId,
+        frame: &[u8],
+        hdr: &VnetHdr,
+        now: Instant,
+        out: &mut Emits,
+    ) -> Option<Verdict> {
+        self.fast_network(net, frame, Some(hdr), now, out)?;
+        Some(self.finish(Verdict::Forwarded))
+    }
+
+    /// [`Self::handle_gso_from_network`] for a super-frame received on the uplink (GRO, or a
+    /// TSO peer); `None`: cut it and hand the segments to [`Router::handle_from_uplink`].
+    pub fn handle_gso_from_uplink(
+        &mut self,
+        frame: &[u8],
+        hdr: &VnetHdr,
+        now: Instant,
+        out: &mut Emits,
+    ) -> Option<Verdict> {
+        self.fast_uplink(frame, Some(hdr), now, out)?;
+        Some(self.finish(Verdict::Forwarded))
     }
 
     /// [`Router::forward`] for a parsed fast-path packet arriving in `zone`.
@@ -288,6 +389,7 @@ impl Router {
         zone: Zone,
         frame: &[u8],
         p: &Pkt,
+        gso: Option<&VnetHdr>,
         now: Instant,
         out: &mut Emits,
     ) -> Option<()> {
@@ -302,7 +404,13 @@ impl Router {
             proto: if p.tcp { L4::Tcp } else { L4::Udp },
         };
         let (idx, dir) = self.table.lookup_live(zone, &key, now.total_micros())?;
-        if !checksums_ok(frame, p) {
+        // A super-frame's TCP checksum is not verified (its sender offloaded it, or GRO checked
+        // the segments); the IPv4 header's is.
+        let ok = match gso {
+            None => checksums_ok(frame, p),
+            Some(_) => ip_checksum_ok(frame),
+        };
+        if !ok {
             return None;
         }
         let (to, ezone, kind, r) = self.table.translation(idx, dir);
@@ -326,23 +434,42 @@ impl Router {
             let mac = self.endpoint(id, to.dst)?;
             (Egress::Network(id), gw_mac, mac, mtu)
         };
-        if p.len - ETH_LEN > mtu {
+        if p.wire > mtu {
             return None;
         }
         // Committed: from here on this is the full path's work, in its order.
         let tcp = p.tcp.then(|| TcpFlags::from_byte(p.flags));
         self.table.on_packet(r, dir, tcp, now);
-        let buf = out.push_copy(egress, &frame[..p.len]);
-        rewrite(buf, p, &to, dst_mac, src_mac);
-        self.count_translated(kind, zone, ezone);
+        let hdr = gso.map(|g| {
+            let thl = usize::from(frame[ETH_LEN + IP_HDR + 12] >> 4) * 4;
+            VnetHdr {
+                flags: VNET_F_NEEDS_CSUM,
+                gso_type: g.gso_type,
+                hdr_len: (ETH_LEN + IP_HDR + thl) as u16,
+                gso_size: g.gso_size,
+                csum_start: (ETH_LEN + IP_HDR) as u16,
+                csum_offset: 16,
+            }
+        });
+        let buf = out.push_copy_offloaded(egress, &frame[..p.len], hdr);
+        rewrite(buf, p, &to, dst_mac, src_mac, gso.is_some());
+        let segs = match hdr {
+            Some(h) => {
+                self.counters.gso_translated += 1;
+                switchyard_switch::gso::wire_size(p.len, Some(&h)).0
+            }
+            None => 1,
+        };
+        self.count_translated(kind, zone, ezone, segs);
         Some(())
     }
 }
 
 /// `write_eth` + `packet::rewrite` + `packet::dec_ttl` for a fast-path packet: the same
-/// updates in the same order, so the bytes are identical.
+/// updates in the same order, so the bytes are identical. `partial`: the TCP checksum field
+/// gets the pseudo-header sum of the new addresses (CHECKSUM_PARTIAL, for a GSO super-frame).
 #[inline(always)]
-fn rewrite(buf: &mut [u8], p: &Pkt, to: &Tuple, dst_mac: MacAddr, src_mac: MacAddr) {
+fn rewrite(buf: &mut [u8], p: &Pkt, to: &Tuple, dst_mac: MacAddr, src_mac: MacAddr, partial: bool) {
     buf[0..6].copy_from_slice(&dst_mac.0);
     buf[6..12].copy_from_slice(&src_mac.0);
     let pkt = &mut buf[ETH_LEN..];
@@ -370,6 +497,15 @@ fn rewrite(buf: &mut [u8], p: &Pkt, to: &Tuple, dst_mac: MacAddr, src_mac: MacAd
     let seg = &mut pkt[IP_HDR..];
     wr16(seg, 0, to.sport);
     wr16(seg, 2, to.dport);
+    if partial {
+        let l4_len = seg.len();
+        wr16(
+            seg,
+            16,
+            pseudo_sum4(ns.to_be_bytes(), nd.to_be_bytes(), PROTO_TCP, l4_len),
+        );
+        return;
+    }
     let at = if p.tcp { 16 } else { 6 };
     let c = rd16(seg, at);
     let t =

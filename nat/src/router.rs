@@ -659,7 +659,7 @@ impl Router {
             let key = frag_key(rx);
             self.frags.record(key, r, dir, rx.now);
         }
-        self.count_translated(kind, rx.zone, ezone);
+        self.count_translated(kind, rx.zone, ezone, 1);
         self.finish_hop(hop, rx.now, out)
     }
 
@@ -685,7 +685,7 @@ impl Router {
         packet::rewrite_addrs(pkt, to.src, to.dst);
         packet::dec_ttl(pkt);
         self.counters.fragments_translated += 1;
-        self.count_translated(kind, rx.zone, ezone);
+        self.count_translated(kind, rx.zone, ezone, 1);
         self.finish_hop(hop, rx.now, out)
     }
 
@@ -708,13 +708,13 @@ impl Router {
     }
 
     #[inline]
-    pub(crate) fn count_translated(&mut self, kind: Kind, from: Zone, to: Zone) {
+    pub(crate) fn count_translated(&mut self, kind: Kind, from: Zone, to: Zone, packets: u64) {
         if kind == Kind::Hairpin {
-            self.counters.hairpinned += 1;
+            self.counters.hairpinned += packets;
         } else if to == UPLINK_ZONE {
-            self.counters.translated_out += 1;
+            self.counters.translated_out += packets;
         } else if from == UPLINK_ZONE {
-            self.counters.translated_in += 1;
+            self.counters.translated_in += packets;
         }
     }
 }

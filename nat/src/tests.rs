@@ -351,6 +351,8 @@ fn counters(l: &Lab) -> &NatCounters {
     l.r.counters()
 }
 
+mod gso;
+
 #[test]
 fn gateway_answers_arp_and_ping() {
     let mut l = Lab::new();
@@ -1572,7 +1574,7 @@ proptest! {
     #[test]
     fn fast_path_matches_full_path(
         steps in proptest::collection::vec(
-            (0usize..8, proptest::collection::vec((0usize..80, any::<u8>()), 0..3),
+            (0usize..9, proptest::collection::vec((0usize..80, any::<u8>()), 0..3),
              any::<bool>(), 0u64..200, 0u8..4, proptest::collection::vec(any::<u8>(), 0..24)),
             1..12),
     ) {
@@ -1587,6 +1589,8 @@ proptest! {
         let text = a.out.get(0).map(|(_, f)| u16::from_be_bytes([f[34], f[35]])).unwrap();
         let d = tcp(UP_MAC, NH_MAC, REMOTE, 7000, UP, 8080, TcpControl::Syn, None);
         same_on_both(&mut a, &mut b, true, &d, m);
+        let h = tcp(GW_MAC, C1_MAC, C1, 45000, UP, 8080, TcpControl::Syn, None);
+        same_on_both(&mut a, &mut b, false, &h, m);
         for (which, flips, partial, secs, ttl_sel, payload) in steps {
             let ttl = [64, 2, 1, 0][usize::from(ttl_sel)];
             let ctl = [TcpControl::None, TcpControl::Fin, TcpControl::Rst, TcpControl::Syn][which % 4];
@@ -1598,9 +1602,11 @@ proptest! {
                 4 => (true, tcp(UP_MAC, NH_MAC, REMOTE, 7000, UP, 8080, ctl, Some(1))),
                 5 => (false, tcp(GW_MAC, C2_MAC, C2, 80, REMOTE, 7000, ctl, Some(2))),
                 6 => (true, udp(UP_MAC, NH_MAC, REMOTE, 53, UP, ext, &payload, 64)),
-                _ => (false, udp(GW_MAC, C1_MAC, C1, 5000, REMOTE, 53, &payload, 64)),
+                7 => (false, udp(GW_MAC, C1_MAC, C1, 5000, REMOTE, 53, &payload, 64)),
+                // Hairpin: to the uplink address's published port from inside.
+                _ => (false, tcp(GW_MAC, C1_MAC, C1, 45000, UP, 8080, ctl, Some(3))),
             };
-            if which >= 6 && !payload.is_empty() {
+            if (6..8).contains(&which) && !payload.is_empty() {
                 // Zero UDP checksum, Ethernet padding, and a TTL on the edge.
                 f[40..42].copy_from_slice(&[0, 0]);
                 f.extend_from_slice(&payload[..payload.len() % 5]);

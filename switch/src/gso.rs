@@ -157,6 +157,67 @@ pub fn complete_checksum(frame: &mut [u8], csum_start: usize, csum_offset: usize
     true
 }
 
+/// The folded pseudo-header sum (not inverted) a CHECKSUM_PARTIAL IPv4 TCP/UDP header carries
+/// in its checksum field: addresses, protocol and the L4 length of the whole (super-)frame, as
+/// Linux writes it (`~tcp_v4_check(len, ..)`) and its software GSO expects.
+pub fn pseudo_sum4(src: [u8; 4], dst: [u8; 4], proto: u8, l4_len: usize) -> u16 {
+    let w = |b: [u8; 4]| {
+        u32::from(u16::from_be_bytes([b[0], b[1]])) + u32::from(u16::from_be_bytes([b[2], b[3]]))
+    };
+    let mut s =
+        w(src) + w(dst) + u32::from(proto) + (l4_len as u32 >> 16) + (l4_len as u32 & 0xffff);
+    while s >> 16 != 0 {
+        s = (s & 0xffff) + (s >> 16);
+    }
+    s as u16
+}
+
+/// Finish an offloaded frame in software for an egress that takes no virtio-net header: a
+/// TCPv4 GSO frame is cut into segments, a partial checksum completed (through `scratch`);
+/// a frame that asks nothing passes as is. Each wire frame goes to `out`; the count is returned.
+pub fn finish(
+    frame: &[u8],
+    hdr: Option<&VnetHdr>,
+    scratch: &mut Vec<u8>,
+    out: &mut dyn FnMut(&[u8]),
+) -> Result<usize, GsoError> {
+    match hdr {
+        Some(h) if h.gso() == GSO_TCPV4 => {
+            segment_tcp4(frame, usize::from(h.gso_size), scratch, out)
+        }
+        Some(h) if h.gso() != GSO_NONE => Err(GsoError::Unsupported),
+        Some(h) if h.needs_csum() => {
+            scratch.clear();
+            scratch.extend_from_slice(frame);
+            if !complete_checksum(
+                scratch,
+                usize::from(h.csum_start),
+                usize::from(h.csum_offset),
+            ) {
+                return Err(GsoError::Malformed);
+            }
+            out(scratch);
+            Ok(1)
+        }
+        _ => {
+            out(frame);
+            Ok(1)
+        }
+    }
+}
+
+/// What an offloaded frame amounts to on the wire once cut: (packets, bytes). For counters.
+pub fn wire_size(frame_len: usize, hdr: Option<&VnetHdr>) -> (u64, u64) {
+    match hdr {
+        Some(h) if h.gso() != GSO_NONE && h.gso_size > 0 => {
+            let hl = usize::from(h.hdr_len).min(frame_len);
+            let segs = (frame_len - hl).div_ceil(usize::from(h.gso_size)).max(1);
+            (segs as u64, (frame_len + (segs - 1) * hl) as u64)
+        }
+        _ => (1, frame_len as u64),
+    }
+}
+
 /// The folded one's-complement sum of `data` (RFC 1071), not inverted.
 pub fn ones_sum(data: &[u8]) -> u16 {
     let mut acc: u64 = 0;
