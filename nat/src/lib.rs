@@ -20,6 +20,12 @@
 //! network id or the uplink), so SNAT, DNAT and hairpin are one mechanism: a packet matching
 //! tuple `t[d]` leaves as `t[other(d)].inverse()`.
 //!
+//! TCP GSO super-frames (64 KB from a TSO sender or GRO, with a virtio-net header) of
+//! established flows are translated whole ([`Router::handle_gso_from_network`],
+//! [`Router::handle_gso_from_uplink`]) and emitted with their header, their TCP checksum left
+//! partial; the caller cuts whatever those refuse and feeds the segments to the entry points
+//! above.
+//!
 //! Fragments are translated, not reassembled ([`frag`]); an egress MTU smaller than a packet
 //! gets ICMP fragmentation-needed when DF is set and a drop (`oversize`) otherwise: the router
 //! never fragments. IPv6 has room in the types ([`conntrack::IpAddress`], generic tuples) but is
