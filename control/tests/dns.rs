@@ -109,13 +109,22 @@ fn note(seen: &Mutex<Vec<(SocketAddr, String)>>, from: SocketAddr, q: &Message, 
     }
 }
 
+/// What the test upstream does on TCP port 53.
+#[derive(Clone, Copy, PartialEq)]
+enum Tcp {
+    Answer,
+    /// Nothing listens: connections are refused.
+    Refuse,
+    /// Connections are taken (by the kernel) and never read or answered.
+    Hang,
+}
+
 impl Upstream {
     fn start(ns: &NetNs, addr: Ipv4Addr) -> Upstream {
-        Upstream::start_with(ns, addr, true)
+        Upstream::start_with(ns, addr, Tcp::Answer)
     }
 
-    /// With `tcp` false nothing listens on TCP port 53 (connections are refused).
-    fn start_with(ns: &NetNs, addr: Ipv4Addr, tcp: bool) -> Upstream {
+    fn start_with(ns: &NetNs, addr: Ipv4Addr, tcp: Tcp) -> Upstream {
         let sock = run_in(ns, move || UdpSocket::bind((addr, 53)))
             .unwrap()
             .unwrap();
@@ -139,7 +148,7 @@ impl Upstream {
                 }
             }
         })];
-        if tcp {
+        if tcp != Tcp::Refuse {
             let l = run_in(ns, move || TcpListener::bind((addr, 53)))
                 .unwrap()
                 .unwrap();
@@ -147,6 +156,10 @@ impl Upstream {
             let (seen2, stop2) = (seen.clone(), stop.clone());
             threads.push(std::thread::spawn(move || {
                 while !stop2.load(Ordering::Relaxed) {
+                    if tcp == Tcp::Hang {
+                        std::thread::sleep(Duration::from_millis(20));
+                        continue;
+                    }
                     let Ok((mut c, from)) = l.accept() else {
                         std::thread::sleep(Duration::from_millis(20));
                         continue;
@@ -200,8 +213,8 @@ impl Drop for Upstream {
 }
 
 /// A daemon whose own namespace (the "host") runs the test upstream on its loopback at
-/// `addr` (answering TCP when `tcp`), started with `args`.
-fn on_loopback(args: &[&str], addr: Ipv4Addr, tcp: bool) -> (Env, Upstream) {
+/// `addr`, started with `args`.
+fn on_loopback(args: &[&str], addr: Ipv4Addr, tcp: Tcp) -> (Env, Upstream) {
     let mut env = Env::prepare(args);
     let host = NetNs::open(&env.host).unwrap();
     run_in(&host, || {
@@ -424,7 +437,8 @@ fn aliases_survive_a_restart_and_run_gets_a_resolv_conf() {
     }
     // An upstream on the daemon's loopback: names of the search domains that are no endpoint
     // go there (and get a quick NXDOMAIN).
-    let (mut env, upstream) = on_loopback(&["--dns", "127.0.0.1"], Ipv4Addr::LOCALHOST, true);
+    let (mut env, upstream) =
+        on_loopback(&["--dns", "127.0.0.1"], Ipv4Addr::LOCALHOST, Tcp::Answer);
     // A search domain is a DNS name: anything else is refused.
     let err = env.err(&["network", "create", "badnet", "--dns-search", "bad domain"]);
     assert!(err.contains("search domain"), "{err}");
@@ -556,7 +570,8 @@ fn without_a_raw_uplink_external_names_go_through_a_host_socket() {
         return;
     }
     // The daemon's namespace is the "host": its loopback runs the upstream server.
-    let (mut env, upstream) = on_loopback(&["--dns", "127.0.0.1"], Ipv4Addr::LOCALHOST, true);
+    let (mut env, upstream) =
+        on_loopback(&["--dns", "127.0.0.1"], Ipv4Addr::LOCALHOST, Tcp::Answer);
     env.ok(&["network", "create", "sockdns", "--subnet", "10.92.0.0/24"]);
     let s1 = env.container("s1");
     env.connect("sockdns", &s1, &[]);
@@ -677,7 +692,8 @@ fn without_a_raw_uplink_truncated_answers_go_over_a_host_tcp_socket() {
         return;
     }
     // Two upstreams on the daemon's loopback: 127.0.0.1 answers TCP, 127.0.0.2 refuses it.
-    let (mut env, upstream) = on_loopback(&["--dns", "127.0.0.1"], Ipv4Addr::LOCALHOST, true);
+    let (mut env, upstream) =
+        on_loopback(&["--dns", "127.0.0.1"], Ipv4Addr::LOCALHOST, Tcp::Answer);
     env.ok(&["network", "create", "tcsock", "--subnet", "10.95.0.0/24"]);
     let s1 = env.container("s1");
     env.connect("tcsock", &s1, &[]);
@@ -698,8 +714,11 @@ fn without_a_raw_uplink_truncated_answers_go_over_a_host_tcp_socket() {
     drop(env);
 
     // An upstream that refuses TCP: SERVFAIL for that name, quickly, and nothing else stalls.
-    let (mut env, upstream) =
-        on_loopback(&["--dns", "127.0.0.2"], Ipv4Addr::new(127, 0, 0, 2), false);
+    let (mut env, upstream) = on_loopback(
+        &["--dns", "127.0.0.2"],
+        Ipv4Addr::new(127, 0, 0, 2),
+        Tcp::Refuse,
+    );
     env.ok(&["network", "create", "tcref", "--subnet", "10.96.0.0/24"]);
     let r1 = env.container("r1");
     let e = env.connect("tcref", &r1, &[]);
@@ -719,6 +738,40 @@ fn without_a_raw_uplink_truncated_answers_go_over_a_host_tcp_socket() {
     );
     let dns = env.json(&["stats"])["dns"].clone();
     assert!(dns["upstream_tcp_failed"].as_u64().unwrap() >= 1, "{dns}");
+    drop(upstream);
+    drop(env);
+
+    // An upstream that takes the connection and never answers: SERVFAIL at the TCP timeout,
+    // and meanwhile other queries are answered.
+    let (mut env, upstream) = on_loopback(
+        &["--dns", "127.0.0.4"],
+        Ipv4Addr::new(127, 0, 0, 4),
+        Tcp::Hang,
+    );
+    env.ok(&["network", "create", "tchang", "--subnet", "10.99.0.0/24"]);
+    let h1 = env.container("h1");
+    let e = env.connect("tchang", &h1, &[]);
+    let ns = NetNs::open(&h1.path).unwrap();
+    let slow = std::thread::spawn(move || {
+        run_in(&ns, || {
+            let s = UdpSocket::bind("0.0.0.0:0").unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            s.send_to(&query(43, "big30.test"), "10.99.0.1:53").unwrap();
+            let mut buf = [0u8; 1500];
+            let n = s.recv(&mut buf).ok()?;
+            Message::from_vec(&buf[..n]).ok()
+        })
+        .unwrap()
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let r = ask_udp(&h1, "10.99.0.1:53", &query(44, "h1")).expect("a local answer meanwhile");
+    assert_eq!(a_of(&r), vec![ip_of(&e)]);
+    assert_eq!(env.json(&["stats"])["dns"]["tcp_upstream"]["open"], 1);
+    let r = slow.join().unwrap().expect("an answer at the timeout");
+    assert_eq!(r.metadata.response_code, ResponseCode::ServFail, "{r:?}");
+    let dns = env.json(&["stats"])["dns"].clone();
+    assert!(dns["upstream_tcp_failed"].as_u64().unwrap() >= 1, "{dns}");
+    assert_eq!(dns["tcp_upstream"]["open"], 0, "{dns}");
     drop(upstream);
 }
 
@@ -821,7 +874,7 @@ fn upstreams_from_repeated_dns_options_are_tried_in_turn() {
     let (mut env, upstream) = on_loopback(
         &["--dns", "127.0.0.3", "--dns", "127.0.0.1"],
         Ipv4Addr::LOCALHOST,
-        true,
+        Tcp::Answer,
     );
     env.ok(&["network", "create", "twoup", "--subnet", "10.98.0.0/24"]);
     let u1 = env.container("u1");
