@@ -14,9 +14,9 @@
 use std::net::{Ipv4Addr, SocketAddrV4};
 
 use arbitrary::{Arbitrary, Unstructured};
-use hickory_proto::op::{Message, MessageType, OpCode, ResponseCode};
+use hickory_proto::op::{Message, MessageType, OpCode, Query, ResponseCode};
 use hickory_proto::rr::rdata::A;
-use hickory_proto::rr::{RData, Record};
+use hickory_proto::rr::{Name, RData, Record, RecordType};
 use libfuzzer_sys::fuzz_target;
 use switchyard_control::dns::{
     DnsConfig, DnsServer, DnsTcp, NetInfo, Output, TcpConfig, Transport, UpstreamTcp,
@@ -83,6 +83,13 @@ enum Op {
     },
     RemoveName {
         host: u8,
+    },
+    /// A well-formed query for an external name (`hN.example`, A or AAAA): forwarded, so the
+    /// upstream paths are reached without valid DNS bytes in the input.
+    Forward {
+        name: u8,
+        aaaa: bool,
+        client: u8,
     },
 }
 
@@ -381,6 +388,21 @@ fn ops(data: &[u8]) {
                 let _ =
                     h.s.names
                         .add(NetworkId(1), Ipv4Addr::new(10, 1, 0, host), &[name, alias]);
+            }
+            Op::Forward { name, aaaa, client } => {
+                let mut m = Message::new(u16::from(name), MessageType::Query, OpCode::Query);
+                m.metadata.recursion_desired = true;
+                let qtype = if aaaa {
+                    RecordType::AAAA
+                } else {
+                    RecordType::A
+                };
+                if let Ok(n) = Name::from_ascii(format!("h{name}.example.")) {
+                    m.add_query(Query::query(n, qtype));
+                }
+                if let Ok(bytes) = m.to_vec() {
+                    h.query(client % 8 + 2, false, 1472, &bytes);
+                }
             }
             Op::RemoveName { host } => {
                 h.s.names
