@@ -461,9 +461,14 @@ impl DpState {
         self.host.as_ref().map(|h| h.counters())
     }
 
-    fn host_event(&mut self, t: Token) {
+    fn host_event(&mut self, t: Token, read_closed: bool) {
         if let Some(h) = &mut self.host {
-            h.event(t, &self.pipeline.router, std::time::Instant::now());
+            h.event(
+                t,
+                read_closed,
+                &self.pipeline.router,
+                std::time::Instant::now(),
+            );
         }
     }
 
@@ -537,7 +542,7 @@ fn run(mut poll: Poll, jobs: Receiver<Job>, mut st: DpState) {
             } else if dns_io::is_tcp_token(t) {
                 dns_tcp = true;
             } else if t.0 >= TOKEN_BASE {
-                st.host_event(t);
+                st.host_event(t, ev.is_read_closed() || ev.is_error());
             } else if t != WAKER && is_ready.insert(t) {
                 ready.push(t);
             }

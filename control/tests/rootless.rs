@@ -583,3 +583,267 @@ fn root_daemon_without_uplink_uses_the_socket_uplink() {
     let stats = env.json(&["stats"]);
     assert_eq!(stats["uplink"]["mode"], "socket", "{stats}");
 }
+
+/// `ping -c 1` from inside a container (the test's root plays the container's program).
+fn ping(pid: i32, dst: Ipv4Addr) -> std::process::Output {
+    in_ns(pid, || {
+        Command::new("ping")
+            .args(["-n", "-c", "1", "-W", "3"])
+            .arg(dst.to_string())
+            .output()
+    })
+    .unwrap()
+}
+
+/// `net.ipv4.ping_group_range` of the daemon's (host) namespace: it is per namespace.
+fn set_ping_group_range(env: &Rootless, range: &str) {
+    run_in(&env.host_ns(), || {
+        std::fs::write("/proc/sys/net/ipv4/ping_group_range", range)
+    })
+    .unwrap()
+    .unwrap();
+}
+
+#[test]
+fn rootless_ping_through_ping_sockets_or_refused_with_one_log_line() {
+    if !root() {
+        return;
+    }
+    let mut env = Rootless::new(&[]);
+    env.ok(&["network", "create", "icmp", "--subnet", "10.97.0.0/24"]);
+    let (p, _) = env.container("icmp", "c", &[]);
+    const WARNING: &str = "ICMP echo from containers is refused";
+
+    // Denied (a new namespace's default is "1 0", nobody): the container is told at once,
+    // each time, and the daemon says why once.
+    set_ping_group_range(&env, "1 0");
+    for _ in 0..2 {
+        let o = ping(p, HOST_IP);
+        let out = String::from_utf8_lossy(&o.stdout);
+        assert!(!o.status.success(), "{out}");
+        assert!(out.contains("Packet filtered"), "{out}");
+    }
+    assert_eq!(env.log().matches(WARNING).count(), 1, "{}", env.log());
+    let c = &env.json(&["stats"])["uplink"]["counters"];
+    assert!(c["ping_refused"].as_u64().unwrap() >= 2, "{c}");
+
+    // Allowed for the daemon's gid: echo requests leave through a ping socket of the
+    // unprivileged daemon and the replies come back.
+    set_ping_group_range(&env, &format!("{USER} {USER}"));
+    let o = ping(p, HOST_IP);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{out}\n{}", env.log());
+    assert!(out.contains("1 received"), "{out}");
+    let c = &env.json(&["stats"])["uplink"]["counters"];
+    assert!(c["ping_opened"].as_u64().unwrap() >= 1, "{c}");
+    assert_eq!(env.log().matches(WARNING).count(), 1);
+}
+
+/// What `ss -tin` says about the container's TCP connection to or from `port`.
+fn ss_info(pid: i32, port: u16) -> String {
+    let o = in_ns(pid, || {
+        Command::new("ss")
+            .args(["-tin", "state", "established"])
+            .arg(format!("( sport = :{port} or dport = :{port} )"))
+            .output()
+    })
+    .unwrap();
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// The number after `key:` in `ss -i` output (`mss:1460`, the first of `wscale:2,7`).
+fn ss_field(info: &str, key: &str) -> Option<u32> {
+    let at = info.find(&format!(" {key}:"))? + key.len() + 2;
+    let digits: String = info[at..]
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect();
+    digits.parse().ok()
+}
+
+#[test]
+fn rootless_window_and_mss_follow_the_network_mtu_and_half_close_is_carried() {
+    if !root() {
+        return;
+    }
+    let mut env = Rootless::new(&[]);
+    env.ok(&[
+        "network",
+        "create",
+        "jumbo",
+        "--subnet",
+        "10.98.0.0/24",
+        "--mtu",
+        "9000",
+    ]);
+    env.ok(&["network", "create", "std", "--subnet", "10.99.0.0/24"]);
+    let (pj, _) = env.container("jumbo", "j", &["-p", "18090:90"]);
+    let (ps, _) = env.container("std", "s", &[]);
+    let host = env.host_ns();
+
+    // Outbound: the MSS smoltcp offers the container is the network's MTU less 40, with
+    // window scaling on (a window beyond 64 KiB). Each connection also half-closes: the
+    // container shuts its sending side, the host reads to EOF and only then answers.
+    for (pid, port, mtu) in [(pj, 8200u16, 9000u32), (ps, 8201, 1500)] {
+        let l = run_in(&host, || TcpListener::bind((HOST_IP, port)))
+            .unwrap()
+            .unwrap();
+        let srv = std::thread::spawn(move || {
+            let (mut s, _) = l.accept().unwrap();
+            let mut got = Vec::new();
+            s.read_to_end(&mut got).unwrap();
+            std::thread::sleep(Duration::from_millis(200));
+            s.write_all(format!("got {} bytes", got.len()).as_bytes())
+                .unwrap();
+        });
+        let mut c = in_ns(pid, || TcpStream::connect((HOST_IP, port))).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let info = ss_info(pid, port);
+        assert_eq!(ss_field(&info, "mss"), Some(mtu - 40), "{info}");
+        assert!(ss_field(&info, "wscale").unwrap_or(0) >= 1, "{info}");
+        c.write_all(&pattern(3 << 20, 1)).unwrap();
+        c.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut answer = String::new();
+        c.read_to_string(&mut answer).unwrap();
+        assert_eq!(answer, format!("got {} bytes", 3 << 20), "mtu {mtu}");
+        srv.join().unwrap();
+    }
+
+    // Inbound through a published port, the same both ways: smoltcp connects to the
+    // container with the MSS of the network, and the host client's half-close reaches the
+    // container's server, which then answers.
+    let l = in_ns(pj, || TcpListener::bind("0.0.0.0:90")).unwrap();
+    let srv = std::thread::spawn(move || {
+        let (mut s, _) = l.accept().unwrap();
+        let info = ss_info(pj, 90);
+        let mut got = Vec::new();
+        s.read_to_end(&mut got).unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+        s.write_all(&got).unwrap();
+        info
+    });
+    let mut c = run_in(&host, || TcpStream::connect((HOST_IP, 18090)))
+        .unwrap()
+        .unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let sent = pattern(1 << 20, 2);
+    c.write_all(&sent).unwrap();
+    c.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut back = Vec::new();
+    c.read_to_end(&mut back).unwrap();
+    assert_eq!(fnv(&back), fnv(&sent), "the echo after the half-close");
+    let info = srv.join().unwrap();
+    assert_eq!(ss_field(&info, "mss"), Some(8960), "{info}");
+    assert!(ss_field(&info, "wscale").unwrap_or(0) >= 1, "{info}");
+}
+
+/// Write `chunk`s without blocking until nothing more is taken for a second; the total.
+/// Fails past `limit` bytes (buffers growing without bound).
+fn fill(s: &mut TcpStream, limit: usize) -> usize {
+    s.set_nonblocking(true).unwrap();
+    let chunk = vec![0x5au8; 64 << 10];
+    let mut total = 0usize;
+    let mut last = Instant::now();
+    while last.elapsed() < Duration::from_secs(1) {
+        match s.write(&chunk) {
+            Ok(n) => {
+                total += n;
+                last = Instant::now();
+                assert!(total < limit, "{total} bytes taken and still not blocked");
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) => panic!("write: {e}"),
+        }
+    }
+    s.set_nonblocking(false).unwrap();
+    total
+}
+
+/// Reads exactly `n` bytes of 0x5a.
+fn drain(s: &mut TcpStream, n: usize) {
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut got = 0usize;
+    let mut b = vec![0u8; 64 << 10];
+    while got < n {
+        let k = s.read(&mut b).unwrap();
+        assert!(k > 0, "EOF after {got} of {n} bytes");
+        assert!(b[..k].iter().all(|&x| x == 0x5a));
+        got += k;
+    }
+}
+
+/// A 4 MB download from the host on another flow, checked.
+fn other_flow_works(env: &Rootless, pid: i32, port: u16) {
+    let data = pattern(4 << 20, 3);
+    let want = fnv(&data);
+    let l = run_in(&env.host_ns(), || TcpListener::bind((HOST_IP, port)))
+        .unwrap()
+        .unwrap();
+    let srv = std::thread::spawn(move || {
+        let (mut s, _) = l.accept().unwrap();
+        s.write_all(&data).unwrap();
+    });
+    let mut c = in_ns(pid, || TcpStream::connect((HOST_IP, port))).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut got = Vec::new();
+    c.read_to_end(&mut got).unwrap();
+    assert_eq!(fnv(&got), want, "the other flow was stalled or corrupted");
+    srv.join().unwrap();
+}
+
+#[test]
+fn rootless_a_slow_receiver_is_held_back_without_stalling_other_flows() {
+    if !root() {
+        return;
+    }
+    let mut env = Rootless::new(&[]);
+    env.ok(&["network", "create", "bp", "--subnet", "10.100.0.0/24"]);
+    let (p, _) = env.container("bp", "c", &["-p", "18095:95"]);
+    let host = env.host_ns();
+    // What may sit in buffers along the way: the sender's and receiver's kernel socket
+    // buffers (a few MB each at most with the default tcp_wmem/tcp_rmem) and the uplink's
+    // fixed 1 MiB per direction. Far below this unless something grows without bound.
+    const LIMIT: usize = 32 << 20;
+
+    // Container -> a host server that does not read.
+    let l = run_in(&host, || TcpListener::bind((HOST_IP, 8300)))
+        .unwrap()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<usize>();
+    let srv = std::thread::spawn(move || {
+        let (mut s, _) = l.accept().unwrap();
+        let n = rx.recv().unwrap();
+        drain(&mut s, n);
+        s
+    });
+    let mut c = in_ns(p, || TcpStream::connect((HOST_IP, 8300))).unwrap();
+    let taken = fill(&mut c, LIMIT);
+    println!("container -> host: {taken} bytes taken before the sender blocked");
+    assert!(taken > 0);
+    other_flow_works(&env, p, 8301);
+    // The receiver wakes up: everything held back arrives, and the flow goes on.
+    tx.send(taken).unwrap();
+    let _open = srv.join().unwrap();
+    let more = fill(&mut c, LIMIT);
+    assert!(more > 0, "the flow did not resume");
+
+    // A host client -> a published port whose container server does not read.
+    let l = in_ns(p, || TcpListener::bind("0.0.0.0:95")).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<usize>();
+    let srv = std::thread::spawn(move || {
+        let (mut s, _) = l.accept().unwrap();
+        let n = rx.recv().unwrap();
+        drain(&mut s, n);
+    });
+    let mut h = run_in(&host, || TcpStream::connect((HOST_IP, 18095)))
+        .unwrap()
+        .unwrap();
+    let taken = fill(&mut h, LIMIT);
+    println!("host -> container: {taken} bytes taken before the sender blocked");
+    assert!(taken > 0);
+    other_flow_works(&env, p, 8302);
+    tx.send(taken).unwrap();
+    srv.join().unwrap();
+}

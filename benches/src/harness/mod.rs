@@ -35,9 +35,10 @@ pub struct Args {
     /// Comma-separated tests (default: all): tcp_c2c,tcp_nat,tcp_pub,udp_c2c,udp_nat,rr_c2c,rr_nat,cps_nat.
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
-    /// Comma-separated dataplanes (default: switchyard-tap,switchyard-veth,kernel,pasta,
-    /// slirp4netns where installed; on request only: switchyard-docker and docker-bridge, which
-    /// run a dockerd of their own, and the experimental ovs,ovs-notso).
+    /// Comma-separated dataplanes (default: switchyard-tap,switchyard-veth,switchyard-socket,
+    /// kernel,pasta,slirp4netns where installed; on request only: switchyard-socket-1500,
+    /// switchyard-docker and docker-bridge, which run a dockerd of their own, and the
+    /// experimental ovs,ovs-notso).
     #[arg(long, value_delimiter = ',')]
     pub dataplanes: Vec<String>,
     /// The switchyard binary (default: `switchyard` next to this executable).

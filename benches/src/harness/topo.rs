@@ -27,11 +27,14 @@ pub const EXT_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
 pub const UPLINK_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 10);
 pub const PUBLISHED_PORT: u16 = 8080;
 pub const C1_PORT: u16 = 80;
+/// The network MTU of `switchyard-socket` (pasta's default; slirp4netns runs with it here).
+pub const SOCKET_MTU: u32 = 65520;
 
 /// Dataplanes run when --dataplanes is not given (those installed).
 pub const DEFAULT: &[&str] = &[
     "switchyard-tap",
     "switchyard-veth",
+    "switchyard-socket",
     "kernel",
     "pasta",
     "slirp4netns",
@@ -44,6 +47,8 @@ pub const DEFAULT: &[&str] = &[
 pub const ALL: &[&str] = &[
     "switchyard-tap",
     "switchyard-veth",
+    "switchyard-socket",
+    "switchyard-socket-1500",
     "switchyard-docker",
     "kernel",
     "docker-bridge",
@@ -105,7 +110,7 @@ pub fn available(dp: &str, switchyard: &Path) -> Result<(), String> {
         }
     };
     match dp {
-        "switchyard-tap" | "switchyard-veth" => {
+        "switchyard-tap" | "switchyard-veth" | "switchyard-socket" | "switchyard-socket-1500" => {
             if switchyard.is_file() {
                 Ok(())
             } else {
@@ -200,7 +205,9 @@ pub fn build(dp: &str, switchyard: &Path) -> Result<Topo, String> {
     ip(&["-n", &en, "link", "set", "ext0", "up"])?;
     ip(&["-n", &hn, "link", "set", "up0", "up"])?;
     match dp {
-        "switchyard-tap" | "switchyard-veth" => switchyard_dp(&mut t, &host, switchyard, dp)?,
+        "switchyard-tap" | "switchyard-veth" | "switchyard-socket" | "switchyard-socket-1500" => {
+            switchyard_dp(&mut t, &host, switchyard, dp)?
+        }
         "switchyard-docker" => docker_dp(&mut t, &host, Some(switchyard))?,
         "docker-bridge" => docker_dp(&mut t, &host, None)?,
         "kernel" => kernel_dp(&mut t, &host)?,
@@ -287,9 +294,23 @@ fn container(ns: &Path, addr: Ipv4Addr) -> Result<(), String> {
 
 // ---- switchyard ----
 
+/// `switchyard-tap` / `switchyard-veth`: the raw uplink (AF_PACKET on up0, packet NAT).
+/// `switchyard-socket`: the socket uplink (the rootless default): up0 holds the uplink address
+/// in the host namespace and flows leave through host sockets; the network's MTU is 65520,
+/// as pasta's default and slirp4netns's here, so the three compare like for like.
+/// `switchyard-socket-1500`: the same with a network's default MTU.
 fn switchyard_dp(t: &mut Topo, host: &Path, bin: &Path, dp: &str) -> Result<(), String> {
     let kind = if dp.ends_with("veth") { "veth" } else { "tap" };
-    let socket = start_switchyard(t, host, bin, &[])?;
+    let socket_uplink = dp.starts_with("switchyard-socket");
+    let mtu = if dp.ends_with("-1500") {
+        1500
+    } else {
+        SOCKET_MTU
+    };
+    if socket_uplink {
+        uplink_address(host)?;
+    }
+    let socket = start_switchyard(t, host, bin, !socket_uplink, &[])?;
     let cli = |args: &[&str]| -> Result<String, String> {
         let out = run_cmd(
             None,
@@ -298,13 +319,12 @@ fn switchyard_dp(t: &mut Topo, host: &Path, bin: &Path, dp: &str) -> Result<(), 
         )?;
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     };
-    cli(&[
-        "network",
-        "create",
-        "bench",
-        "--subnet",
-        &format!("{SUBNET}/24"),
-    ])?;
+    let (mtu, subnet) = (mtu.to_string(), format!("{SUBNET}/24"));
+    let mut create = vec!["network", "create", "bench", "--subnet", &subnet];
+    if socket_uplink {
+        create.extend(["--mtu", &mtu]);
+    }
+    cli(&create)?;
     let c1 = t.c1.to_string_lossy().into_owned();
     let pubspec = format!("{PUBLISHED_PORT}:{C1_PORT}");
     cli(&[
@@ -334,22 +354,32 @@ fn switchyard_dp(t: &mut Topo, host: &Path, bin: &Path, dp: &str) -> Result<(), 
         "--ip",
         &C2_IP.to_string(),
     ])?;
-    t.notes.push(format!(
-        "switchyard daemon, {kind} endpoints, raw uplink up0 (AF_PACKET)"
-    ));
+    t.notes.push(if socket_uplink {
+        format!("switchyard daemon, {kind} endpoints, socket uplink (host sockets), MTU {mtu}")
+    } else {
+        format!("switchyard daemon, {kind} endpoints, raw uplink up0 (AF_PACKET)")
+    });
     Ok(())
 }
 
-/// The switchyard daemon in `host` with the raw uplink up0 (and `extra` arguments); its control
-/// socket once it accepts.
+/// The switchyard daemon in `host` with the raw uplink up0 (`raw_uplink`, else the socket
+/// uplink) and `extra` arguments; its control socket once it accepts.
 fn start_switchyard(
     t: &mut Topo,
     host: &Path,
     bin: &Path,
+    raw_uplink: bool,
     extra: &[&str],
 ) -> Result<PathBuf, String> {
     let socket = t.dir.join("control.sock");
     let log = t.log("daemon.log")?;
+    let raw = [
+        "--uplink",
+        "up0",
+        "--uplink-addr",
+        &format!("{UPLINK_IP}/24"),
+    ]
+    .map(String::from);
     let child = spawn_in(
         host,
         Command::new(bin)
@@ -358,8 +388,7 @@ fn start_switchyard(
             .arg(&socket)
             .arg("--state-dir")
             .arg(t.dir.join("state"))
-            .args(["--uplink", "up0", "--uplink-addr"])
-            .arg(format!("{UPLINK_IP}/24"))
+            .args(if raw_uplink { &raw[..] } else { &[] })
             .args(["--log-level", "warn"])
             .args(extra)
             .stdin(Stdio::null())
@@ -408,7 +437,7 @@ fn docker_dp(t: &mut Topo, host: &Path, switchyard: Option<&Path>) -> Result<(),
             let plugin = PathBuf::from(format!("/run/docker/plugins/{driver}.sock"));
             t.files.push(plugin.clone());
             let plugin = plugin.to_string_lossy().into_owned();
-            start_switchyard(t, host, bin, &["--docker-plugin-socket", &plugin])?;
+            start_switchyard(t, host, bin, true, &["--docker-plugin-socket", &plugin])?;
         }
         // The host's own address, for Docker's masquerade and published port.
         None => uplink_address(host)?,

@@ -17,6 +17,9 @@ pub const ICMP_ECHO_REQUEST: u8 = 8;
 pub const NET_UNREACHABLE: u8 = 0;
 pub const HOST_UNREACHABLE: u8 = 1;
 pub const PORT_UNREACHABLE: u8 = 3;
+/// Communication administratively prohibited (RFC 1812): what a container's ping gets when
+/// the host allows no ping socket.
+pub const ADMIN_PROHIBITED: u8 = 13;
 
 /// The transport view of one IPv4 packet from a container.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
