@@ -148,7 +148,9 @@ fn make_tap(r: &TapRequest, net: &NetNs) -> Result<(Tap, String), String> {
             .map_err(|e| format!("entering the user namespace that owns the network namespace: {e} (is it another user's?)"))?;
     }
     setns(net.as_fd(), CloneFlags::CLONE_NEWNET)
-        .map_err(|e| format!("entering the network namespace: {e}"))?;
+        .map_err(|e| {
+            format!("entering the network namespace: {e} (an unprivileged daemon can enter only namespaces owned by a user namespace of its own user)")
+        })?;
     let here = NetNs::current().map_err(|e| e.to_string())?;
     let ifname = if r.ifname.is_empty() {
         plumbing::first_free_ifname(&here, "eth").map_err(|e| e.to_string())?
