@@ -92,17 +92,22 @@ impl PacketSocket {
     pub fn read_meta(&self, buf: &mut [u8]) -> io::Result<(usize, RxInfo)> {
         loop {
             let cap = buf.len().saturating_sub(4);
-            let (n, pkttype, aux) = recvmsg_aux(&self.fd, &mut buf[..cap])?;
+            // The vnet header lands in its own buffer (a second iovec): no 64 KB memmove.
+            let mut hdr = [0u8; VNET_HDR_LEN];
+            let vnet = self.vnet.then_some(&mut hdr);
+            let (n, pkttype, aux) = recvmsg_aux(&self.fd, &mut buf[..cap], vnet)?;
             if self.filter_outgoing && pkttype == Some(libc::PACKET_OUTGOING) {
                 continue;
             }
             let mut info = RxInfo::default();
             let mut n = n;
             if self.vnet {
-                let Some(h) = VnetHdr::parse(&buf[..n]) else {
+                let Some(h) = n
+                    .checked_sub(VNET_HDR_LEN)
+                    .and_then(|_| VnetHdr::parse(&hdr))
+                else {
                     continue;
                 };
-                buf.copy_within(VNET_HDR_LEN..n, 0);
                 n -= VNET_HDR_LEN;
                 info.partial_csum = h.needs_csum();
                 info.vnet = Some(h);
@@ -177,36 +182,52 @@ pub struct RxInfo {
     pub vnet: Option<VnetHdr>,
 }
 
-/// `recvmsg` with room for one `PACKET_AUXDATA` control message. Returns the length, the
-/// packet type from the source address, and the aux data when the kernel sent it.
+/// `recvmsg` with room for one `PACKET_AUXDATA` control message, into `vnet` (the header of a
+/// `PACKET_VNET_HDR` socket) then `buf`. Returns the length of both, the packet type from the
+/// source address, and the aux data when the kernel sent it.
 fn recvmsg_aux(
     fd: &OwnedFd,
     buf: &mut [u8],
+    vnet: Option<&mut [u8; VNET_HDR_LEN]>,
 ) -> io::Result<(usize, Option<u8>, Option<libc::tpacket_auxdata>)> {
     // Room for one cmsg carrying a tpacket_auxdata, u64-aligned as cmsg headers require.
     let mut control = [0u64; 8];
     // SAFETY: sockaddr_ll is plain old data; all-zero bytes are a valid value.
     let mut from: libc::sockaddr_ll = unsafe { mem::zeroed() };
-    let mut iov = libc::iovec {
-        iov_base: buf.as_mut_ptr().cast(),
-        iov_len: buf.len(),
-    };
+    let head = vnet.as_ref().map_or(0, |h| h.len());
+    let mut iov = [
+        libc::iovec {
+            iov_base: std::ptr::null_mut(),
+            iov_len: 0,
+        },
+        libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
+        },
+    ];
+    if let Some(h) = vnet {
+        iov[0] = libc::iovec {
+            iov_base: h.as_mut_ptr().cast(),
+            iov_len: h.len(),
+        };
+    }
     // SAFETY: msghdr is plain old data; all-zero bytes are a valid value.
     let mut msg: libc::msghdr = unsafe { mem::zeroed() };
     msg.msg_name = (&mut from as *mut libc::sockaddr_ll).cast();
     msg.msg_namelen = mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t;
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
+    let first = usize::from(head == 0);
+    msg.msg_iov = iov[first..].as_mut_ptr();
+    msg.msg_iovlen = (2 - first) as _;
     msg.msg_control = control.as_mut_ptr().cast();
     msg.msg_controllen = mem::size_of_val(&control) as _;
-    // SAFETY: every pointer in `msg` points at a live local (`from`, `iov` -> `buf`, `control`)
-    // with the size given next to it; the kernel writes at most those sizes.
+    // SAFETY: every pointer in `msg` points at a live local (`from`, `iov` -> the header and
+    // `buf`, `control`) with the size given next to it; the kernel writes at most those sizes.
     let n = unsafe { libc::recvmsg(fd.as_raw_fd(), &mut msg, libc::MSG_TRUNC) };
     if n < 0 {
         return Err(io::Error::last_os_error());
     }
     // MSG_TRUNC makes recvmsg return the real length; a frame larger than `buf` is cut.
-    let n = (n as usize).min(buf.len());
+    let n = (n as usize).min(head + buf.len());
     let pkttype = (msg.msg_namelen as usize >= mem::size_of::<libc::sockaddr_ll>())
         .then_some(from.sll_pkttype);
     let mut aux = None;
