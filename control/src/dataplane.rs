@@ -363,7 +363,7 @@ impl DpState {
             };
             match r {
                 Ok((start, n, meta, gso)) => {
-                    let frame = &buf[start..n];
+                    let frame = &mut buf[start..n];
                     match port {
                         Some(id) => {
                             if capturing {

@@ -293,11 +293,12 @@ impl Pipeline {
     /// An offloaded frame from an endpoint port: a GSO super-frame and/or one whose L4 checksum
     /// is partial, as `hdr` describes. Endpoint egresses get it whole, with its header (`tx` is
     /// given `Some(hdr)`: a vnet-capable port passes it on, others finish it in software); the
-    /// router gets it cut into wire-sized segments with complete checksums.
+    /// router translates an established TCP flow's super-frame whole, rewriting it in `frame`
+    /// (no copy), and gets anything else cut into wire-sized segments with complete checksums.
     pub fn from_port_offloaded(
         &mut self,
         ingress: PortId,
-        frame: &[u8],
+        frame: &mut [u8],
         hdr: &VnetHdr,
         now: Instant,
         tx: &mut OffloadTx<'_>,
@@ -309,7 +310,7 @@ impl Pipeline {
     fn port_rx_offloaded(
         &mut self,
         ingress: PortId,
-        frame: &[u8],
+        frame: &mut [u8],
         hdr: &VnetHdr,
         now: Instant,
         tx: &mut OffloadTx<'_>,
@@ -344,7 +345,7 @@ impl Pipeline {
     fn output_offloaded(
         &mut self,
         port: PortId,
-        frame: &[u8],
+        frame: &mut [u8],
         hdr: &VnetHdr,
         now: Instant,
         tx: &mut OffloadTx<'_>,
@@ -369,21 +370,19 @@ impl Pipeline {
             self.switch.note_drop(port, DropReason::Unsupported);
             return Verdict::Dropped(DropReason::Unsupported);
         }
-        // An established TCP flow: translated whole. Anything else is cut here and each
-        // segment takes the wire path (new flows, local traffic, ICMP errors, host mode).
-        if let Some(net) = self.switch.port_network(port) {
-            let mut emits = std::mem::take(&mut self.emits);
-            emits.clear();
-            let v = self
+        // An established TCP flow: translated whole, in place. Anything else is cut here and
+        // each segment takes the wire path (new flows, local traffic, ICMP errors, host mode).
+        // A flooded frame is never the gateway's unicast (its MAC is a static entry) and goes
+        // to other ports too: it stays as it came.
+        if let (Some(net), false) = (self.switch.port_network(port), flooded) {
+            let whole = self
                 .router
-                .handle_gso_from_network(net, frame, hdr, now, &mut emits);
-            if let Some(v) = v {
+                .handle_gso_from_network_in_place(net, frame, hdr, now);
+            if let Some((egress, out_hdr)) = whole {
                 self.switch.note_tx(port, frame.len());
-                self.deliver(&emits, now, tx);
-                self.emits = emits;
-                return from_router(v);
+                self.send_whole(egress, frame, &out_hdr, now, tx);
+                return Verdict::Forwarded;
             }
-            self.emits = emits;
         }
         let mut scratch = std::mem::take(&mut self.seg);
         let mut verdict = Verdict::Dropped(DropReason::Malformed);
@@ -423,7 +422,7 @@ impl Pipeline {
     /// [`Self::from_uplink`]. Other offloads (UDP, IPv6 GSO) are dropped as unsupported.
     pub fn from_uplink_offloaded(
         &mut self,
-        frame: &[u8],
+        frame: &mut [u8],
         hdr: &VnetHdr,
         now: Instant,
         tx: &mut OffloadTx<'_>,
@@ -438,17 +437,11 @@ impl Pipeline {
         if hdr.gso() != GSO_TCPV4 {
             return Verdict::Dropped(DropReason::Unsupported);
         }
-        let mut emits = std::mem::take(&mut self.emits);
-        emits.clear();
-        let v = self
-            .router
-            .handle_gso_from_uplink(frame, hdr, now, &mut emits);
-        if let Some(v) = v {
-            self.deliver(&emits, now, tx);
-            self.emits = emits;
-            return from_router(v);
+        let whole = self.router.handle_gso_from_uplink_in_place(frame, hdr, now);
+        if let Some((egress, out_hdr)) = whole {
+            self.send_whole(egress, frame, &out_hdr, now, tx);
+            return Verdict::Forwarded;
         }
-        self.emits = emits;
         let mut scratch = std::mem::take(&mut self.seg);
         let mut verdict = Verdict::Dropped(DropReason::Malformed);
         let r = segment_tcp4(frame, usize::from(hdr.gso_size), &mut scratch, &mut |seg| {
@@ -502,6 +495,31 @@ impl Pipeline {
         }
     }
 
+    /// A super-frame the router translated in place: out of the uplink, or into a network
+    /// through its router port, with its header.
+    fn send_whole(
+        &mut self,
+        egress: RouterEgress,
+        frame: &mut [u8],
+        hdr: &VnetHdr,
+        now: Instant,
+        tx: &mut OffloadTx<'_>,
+    ) {
+        match egress {
+            RouterEgress::Uplink => {
+                tx(Out::Uplink, frame, Some(hdr));
+            }
+            RouterEgress::Network(net) => {
+                if let Some(rp) = self.router_port(net) {
+                    // The switch never hands a frame back by its ingress (the router port).
+                    self.port_rx_offloaded(rp, frame, hdr, now, tx);
+                }
+            }
+            // Host mode has no raw uplink, and then nothing is translated whole.
+            RouterEgress::Host => {}
+        }
+    }
+
     /// Send what the router emitted: to the uplink as is, into a network through its router
     /// port; a GSO super-frame keeps its header on both ways.
     fn deliver(&mut self, emits: &Emits, now: Instant, tx: &mut OffloadTx<'_>) {
@@ -518,7 +536,9 @@ impl Pipeline {
                         // From the router port the switch never hands a frame back to the
                         // router (no egress by the ingress port), so this cannot recurse.
                         match hdr {
-                            Some(h) => self.port_rx_offloaded(rp, frame, h, now, tx),
+                            // Only the Emits flavour of the router's GSO entry points makes
+                            // these (the pipeline uses the in-place one): a copy is fine.
+                            Some(h) => self.port_rx_offloaded(rp, &mut frame.to_vec(), h, now, tx),
                             None => self.port_rx(rp, frame, RxMeta::default(), now, tx),
                         };
                     }

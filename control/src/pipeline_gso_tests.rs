@@ -144,7 +144,7 @@ fn from_port(p: &mut Pipeline, port: PortId, f: &[u8], gso: bool) -> (Verdict, S
         true
     };
     let v = if gso {
-        p.from_port_offloaded(port, f, &hdr(), Instant::ZERO, &mut tx)
+        p.from_port_offloaded(port, &mut f.to_vec(), &hdr(), Instant::ZERO, &mut tx)
     } else {
         p.from_port(port, f, RxMeta::default(), Instant::ZERO, &mut |o, f| {
             tx(o, f, None)
@@ -161,7 +161,7 @@ fn from_uplink(p: &mut Pipeline, f: &[u8], gso: bool) -> (Verdict, Sent) {
         true
     };
     let v = if gso {
-        p.from_uplink_offloaded(f, &hdr(), Instant::ZERO, &mut tx)
+        p.from_uplink_offloaded(&mut f.to_vec(), &hdr(), Instant::ZERO, &mut tx)
     } else {
         p.from_uplink(f, RxMeta::default(), Instant::ZERO, &mut |o, f| {
             tx(o, f, None)

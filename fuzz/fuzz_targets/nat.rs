@@ -117,9 +117,10 @@ fuzz_target!(|data: &[u8]| {
             .expect("an emitted GSO frame cuts");
             true
         };
+        let mut frame = op.frame.0.clone();
         match (ingress, gso_hdr(op.flags)) {
-            (Some(id), Some(h)) => p.from_port_offloaded(id, &op.frame.0, &h, now, &mut otx),
-            (None, Some(h)) => p.from_uplink_offloaded(&op.frame.0, &h, now, &mut otx),
+            (Some(id), Some(h)) => p.from_port_offloaded(id, &mut frame, &h, now, &mut otx),
+            (None, Some(h)) => p.from_uplink_offloaded(&mut frame, &h, now, &mut otx),
             (Some(id), None) => p.from_port(id, &op.frame.0, meta, now, &mut tx),
             (None, None) => p.from_uplink(&op.frame.0, meta, now, &mut tx),
         };

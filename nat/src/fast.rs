@@ -39,7 +39,7 @@ use switchyard_switch::gso::{pseudo_sum4, VnetHdr, GSO_TCPV4, VNET_F_NEEDS_CSUM}
 
 use crate::config::{in_subnet, RxMeta, Verdict};
 use crate::conntrack::tcp::TcpFlags;
-use crate::conntrack::{Tuple, Zone, L4, UPLINK_ZONE, WARM_MAX};
+use crate::conntrack::{ConnRef, Dir, Kind, Tuple, Zone, L4, UPLINK_ZONE, WARM_MAX};
 use crate::emit::{Egress, Emits};
 use crate::packet::ETH_LEN;
 use crate::router::Router;
@@ -270,19 +270,102 @@ impl Router {
         if meta.partial_csum {
             return None;
         }
-        self.fast_network(net, frame, None, now, out)
+        let plan = self.plan_network(net, frame, None, now)?;
+        self.commit_copy(&plan, frame, now, out);
+        Some(())
     }
 
-    /// A frame from `net` for the fast path, whole (`gso`: a TCP super-frame).
-    #[inline(always)]
-    fn fast_network(
+    /// Fast path of [`Router::handle_from_uplink`]; `None`: take the full path.
+    #[inline]
+    pub(crate) fn fast_from_uplink(
         &mut self,
+        frame: &[u8],
+        meta: RxMeta,
+        now: Instant,
+        out: &mut Emits,
+    ) -> Option<()> {
+        if meta.partial_csum {
+            return None;
+        }
+        let plan = self.plan_uplink(frame, None, now)?;
+        self.commit_copy(&plan, frame, now, out);
+        Some(())
+    }
+
+    /// A TCP GSO super-frame (`hdr`: TCPv4 GSO, its checksum partial or not) of an established
+    /// connection from `net`, translated whole: it leaves as one frame with a virtio-net
+    /// header (partial checksum over the new addresses), counted as its segments. `None`, with
+    /// no side effect at all, for anything the fast path would not take (a new flow, local
+    /// traffic, a segment over the egress MTU, ...): the caller cuts it
+    /// (`switchyard_switch::gso::segment_tcp4`) and hands the segments to
+    /// [`Router::handle_from_network`], which then decides exactly as for wire packets.
+    pub fn handle_gso_from_network(
+        &mut self,
+        net: NetworkId,
+        frame: &[u8],
+        hdr: &VnetHdr,
+        now: Instant,
+        out: &mut Emits,
+    ) -> Option<Verdict> {
+        let plan = self.plan_network(net, frame, Some(hdr), now)?;
+        self.commit_copy(&plan, frame, now, out);
+        Some(self.finish(Verdict::Forwarded))
+    }
+
+    /// [`Self::handle_gso_from_network`] for a super-frame received on the uplink (GRO, or a
+    /// TSO peer); `None`: cut it and hand the segments to [`Router::handle_from_uplink`].
+    pub fn handle_gso_from_uplink(
+        &mut self,
+        frame: &[u8],
+        hdr: &VnetHdr,
+        now: Instant,
+        out: &mut Emits,
+    ) -> Option<Verdict> {
+        let plan = self.plan_uplink(frame, Some(hdr), now)?;
+        self.commit_copy(&plan, frame, now, out);
+        Some(self.finish(Verdict::Forwarded))
+    }
+
+    /// [`Self::handle_gso_from_network`] rewriting `frame` where it is instead of copying 64 KB
+    /// into an [`Emits`]: when taken, `frame` leaves by the returned egress with the returned
+    /// header; `None` leaves it (and everything else) untouched.
+    pub fn handle_gso_from_network_in_place(
+        &mut self,
+        net: NetworkId,
+        frame: &mut [u8],
+        hdr: &VnetHdr,
+        now: Instant,
+    ) -> Option<(Egress, VnetHdr)> {
+        let plan = self.plan_network(net, frame, Some(hdr), now)?;
+        self.commit(&plan, frame, now);
+        self.finish(Verdict::Forwarded);
+        Some((plan.egress, plan.hdr?))
+    }
+
+    /// [`Self::handle_gso_from_uplink`] rewriting `frame` where it is (see
+    /// [`Self::handle_gso_from_network_in_place`]).
+    pub fn handle_gso_from_uplink_in_place(
+        &mut self,
+        frame: &mut [u8],
+        hdr: &VnetHdr,
+        now: Instant,
+    ) -> Option<(Egress, VnetHdr)> {
+        let plan = self.plan_uplink(frame, Some(hdr), now)?;
+        self.commit(&plan, frame, now);
+        self.finish(Verdict::Forwarded);
+        Some((plan.egress, plan.hdr?))
+    }
+
+    /// A frame from `net` for the fast path, whole (`gso`: a TCP super-frame): what to do
+    /// with it, decided without any side effect.
+    #[inline(always)]
+    fn plan_network(
+        &self,
         net: NetworkId,
         frame: &[u8],
         gso: Option<&VnetHdr>,
         now: Instant,
-        out: &mut Emits,
-    ) -> Option<()> {
+    ) -> Option<Plan> {
         // Host mode and "no route" both need `uplink == None`: excluded here.
         let up = self.uplink?;
         let n = self.net(net)?;
@@ -311,33 +394,13 @@ impl Router {
         {
             return None;
         }
-        self.fast_forward(net.0, frame, &p, gso, now, out)
+        self.plan(net.0, frame, p, gso, now)
     }
 
-    /// Fast path of [`Router::handle_from_uplink`]; `None`: take the full path.
-    #[inline]
-    pub(crate) fn fast_from_uplink(
-        &mut self,
-        frame: &[u8],
-        meta: RxMeta,
-        now: Instant,
-        out: &mut Emits,
-    ) -> Option<()> {
-        if meta.partial_csum {
-            return None;
-        }
-        self.fast_uplink(frame, None, now, out)
-    }
-
-    /// A frame from the uplink for the fast path, whole (`gso`: a TCP super-frame).
+    /// A frame from the uplink for the fast path, whole (`gso`: a TCP super-frame); no side
+    /// effect.
     #[inline(always)]
-    fn fast_uplink(
-        &mut self,
-        frame: &[u8],
-        gso: Option<&VnetHdr>,
-        now: Instant,
-        out: &mut Emits,
-    ) -> Option<()> {
+    fn plan_uplink(&self, frame: &[u8], gso: Option<&VnetHdr>, now: Instant) -> Option<Plan> {
         let up = self.uplink?;
         let limit = self.cfg.uplink_mtu + switchyard_switch::frame::ETH_OVERHEAD;
         if (gso.is_none() && frame.len() > limit) || frame.get(0..6)? != up.mac.0 {
@@ -347,52 +410,19 @@ impl Router {
         if ETH_LEN + p.wire > limit || p.dst != up.addr.to_bits() {
             return None;
         }
-        self.fast_forward(UPLINK_ZONE, frame, &p, gso, now, out)
+        self.plan(UPLINK_ZONE, frame, p, gso, now)
     }
 
-    /// A TCP GSO super-frame (`hdr`: TCPv4 GSO, its checksum partial or not) of an established
-    /// connection from `net`, translated whole: it leaves as one frame with a virtio-net
-    /// header (partial checksum over the new addresses), counted as its segments. `None`, with
-    /// no side effect at all, for anything the fast path would not take (a new flow, local
-    /// traffic, a segment over the egress MTU, ...): the caller cuts it
-    /// (`switchyard_switch::gso::segment_tcp4`) and hands the segments to
-    /// [`Router::handle_from_network`], which then decides exactly as for wire packets.
-    pub fn handle_gso_from_network(
-        &mut self,
-        net: NetworkId,
-        frame: &[u8],
-        hdr: &VnetHdr,
-        now: Instant,
-        out: &mut Emits,
-    ) -> Option<Verdict> {
-        self.fast_network(net, frame, Some(hdr), now, out)?;
-        Some(self.finish(Verdict::Forwarded))
-    }
-
-    /// [`Self::handle_gso_from_network`] for a super-frame received on the uplink (GRO, or a
-    /// TSO peer); `None`: cut it and hand the segments to [`Router::handle_from_uplink`].
-    pub fn handle_gso_from_uplink(
-        &mut self,
-        frame: &[u8],
-        hdr: &VnetHdr,
-        now: Instant,
-        out: &mut Emits,
-    ) -> Option<Verdict> {
-        self.fast_uplink(frame, Some(hdr), now, out)?;
-        Some(self.finish(Verdict::Forwarded))
-    }
-
-    /// [`Router::forward`] for a parsed fast-path packet arriving in `zone`.
+    /// [`Router::forward`]'s decisions for a parsed fast-path packet arriving in `zone`.
     #[inline(always)]
-    fn fast_forward(
-        &mut self,
+    fn plan(
+        &self,
         zone: Zone,
         frame: &[u8],
-        p: &Pkt,
+        p: Pkt,
         gso: Option<&VnetHdr>,
         now: Instant,
-        out: &mut Emits,
-    ) -> Option<()> {
+    ) -> Option<Plan> {
         if p.ttl <= 1 {
             return None;
         }
@@ -407,7 +437,7 @@ impl Router {
         // A super-frame's TCP checksum is not verified (its sender offloaded it, or GRO checked
         // the segments); the IPv4 header's is.
         let ok = match gso {
-            None => checksums_ok(frame, p),
+            None => checksums_ok(frame, &p),
             Some(_) => ip_checksum_ok(frame),
         };
         if !ok {
@@ -437,9 +467,6 @@ impl Router {
         if p.wire > mtu {
             return None;
         }
-        // Committed: from here on this is the full path's work, in its order.
-        let tcp = p.tcp.then(|| TcpFlags::from_byte(p.flags));
-        self.table.on_packet(r, dir, tcp, now);
         let hdr = gso.map(|g| {
             let thl = usize::from(frame[ETH_LEN + IP_HDR + 12] >> 4) * 4;
             VnetHdr {
@@ -451,18 +478,68 @@ impl Router {
                 csum_offset: 16,
             }
         });
-        let buf = out.push_copy_offloaded(egress, &frame[..p.len], hdr);
-        rewrite(buf, p, &to, dst_mac, src_mac, gso.is_some());
-        let segs = match hdr {
+        Some(Plan {
+            p,
+            zone,
+            to,
+            ezone,
+            kind,
+            r,
+            dir,
+            egress,
+            src_mac,
+            dst_mac,
+            hdr,
+        })
+    }
+
+    /// Carry out `plan` on a copy of `frame` pushed to `out`.
+    #[inline(always)]
+    fn commit_copy(&mut self, plan: &Plan, frame: &[u8], now: Instant, out: &mut Emits) {
+        let buf = out.push_copy_offloaded(plan.egress, &frame[..plan.p.len], plan.hdr);
+        self.commit(plan, buf, now);
+    }
+
+    /// Carry out `plan` on `buf` (the frame, or its copy): from here on this is the full
+    /// path's work, in its order.
+    #[inline(always)]
+    fn commit(&mut self, plan: &Plan, buf: &mut [u8], now: Instant) {
+        let p = &plan.p;
+        let tcp = p.tcp.then(|| TcpFlags::from_byte(p.flags));
+        self.table.on_packet(plan.r, plan.dir, tcp, now);
+        rewrite(
+            buf,
+            p,
+            &plan.to,
+            plan.dst_mac,
+            plan.src_mac,
+            plan.hdr.is_some(),
+        );
+        let segs = match &plan.hdr {
             Some(h) => {
                 self.counters.gso_translated += 1;
-                switchyard_switch::gso::wire_size(p.len, Some(&h)).0
+                switchyard_switch::gso::wire_size(p.len, Some(h)).0
             }
             None => 1,
         };
-        self.count_translated(kind, zone, ezone, segs);
-        Some(())
+        self.count_translated(plan.kind, plan.zone, plan.ezone, segs);
     }
+}
+
+/// What the fast path decided for one packet ([`Router::plan`]), before it changes anything.
+struct Plan {
+    p: Pkt,
+    zone: Zone,
+    to: Tuple,
+    ezone: Zone,
+    kind: Kind,
+    r: ConnRef,
+    dir: Dir,
+    egress: Egress,
+    src_mac: MacAddr,
+    dst_mac: MacAddr,
+    /// The header a GSO super-frame leaves with.
+    hdr: Option<VnetHdr>,
 }
 
 /// `write_eth` + `packet::rewrite` + `packet::dec_ttl` for a fast-path packet: the same

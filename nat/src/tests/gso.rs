@@ -387,3 +387,41 @@ proptest! {
         prop_assert_eq!(ct(&a), ct(&b));
     }
 }
+
+#[test]
+fn in_place_translation_equals_the_copying_one() {
+    for path in [Path::Snat, Path::Dnat, Path::Hairpin] {
+        let payload = data(30_000, 11);
+        let (mut a, mut b) = (Lab::new(), Lab::new());
+        let c = open(&mut a, path, &payload);
+        open(&mut b, path, &payload);
+        let h = vnet(1448);
+        assert_eq!(
+            gso_rx(&mut a, c.uplink, &c.frame, &h),
+            Some(Verdict::Forwarded)
+        );
+        let mut f = c.frame.clone();
+        let taken = if c.uplink {
+            b.r.handle_gso_from_uplink_in_place(&mut f, &h, b.now)
+        } else {
+            b.r.handle_gso_from_network_in_place(NET, &mut f, &h, b.now)
+        };
+        let (e, copied) = a.out.get(0).unwrap();
+        assert_eq!(taken, Some((e, *a.out.offload(0).unwrap())), "{path:?}");
+        assert_eq!(f, copied, "{path:?}");
+        assert_eq!(a.r.counters(), b.r.counters());
+        // Refused: the frame and the router stay as they were.
+        let mut g = c.frame.clone();
+        g[22] = 1;
+        let before = b.r.counters().clone();
+        let refused = if c.uplink {
+            b.r.handle_gso_from_uplink_in_place(&mut g, &h, b.now)
+        } else {
+            b.r.handle_gso_from_network_in_place(NET, &mut g, &h, b.now)
+        };
+        assert_eq!(refused, None);
+        assert_eq!(g[22], 1);
+        assert_eq!(&g[23..], &c.frame[23..]);
+        assert_eq!(b.r.counters(), &before);
+    }
+}
