@@ -1475,13 +1475,16 @@ impl Daemon {
                         e.ns_inode = ino;
                     }
                 }
+                // A namespace that came as an fd: its path means nothing here, but a process
+                // still in it (the container's) leads back to it.
+                let mut found = None;
                 if e.ns_by_fd {
-                    // Nothing to reopen it by: the engine attaches it again when it restarts
-                    // the container.
-                    tracing::warn!(network = %n.name, endpoint = %e.name, netns = %e.netns, "not restored: its namespace came as a file descriptor, which a restart cannot reopen");
-                    continue;
-                }
-                if !namespace_alive(&e) {
+                    found = crate::netns::find_by_inode(e.ns_inode);
+                    if found.is_none() {
+                        tracing::warn!(network = %n.name, endpoint = %e.name, netns = %e.netns, "not restored: its namespace came as a file descriptor and no process is left in it");
+                        continue;
+                    }
+                } else if !namespace_alive(&e) {
                     tracing::info!(network = %n.name, endpoint = %e.name, "not restored: its namespace is gone");
                     if let Some(h) = &e.host_ifname {
                         let _ = plumbing::remove_veth(h);
@@ -1513,6 +1516,8 @@ impl Daemon {
                             None => format!("{}:{}/{}", m.host_port, m.container_port, m.proto),
                         })
                         .collect(),
+                    netns_fd: found.is_some(),
+                    ns_fd: found.map(OwnedFd::from),
                     ..Default::default()
                 };
                 match self.connect(st, c, Some(&e)) {

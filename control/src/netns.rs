@@ -140,10 +140,33 @@ impl NetNs {
     }
 }
 
+impl From<NetNs> for OwnedFd {
+    fn from(ns: NetNs) -> OwnedFd {
+        ns.file.into()
+    }
+}
+
 impl AsFd for NetNs {
     fn as_fd(&self) -> BorrowedFd<'_> {
         self.file.as_fd()
     }
+}
+
+/// The network namespace with inode `ino`, reached through a process in it (a scan of /proc,
+/// for a namespace known only by its inode, say one that came as an fd before a restart). None
+/// when no process we may look at is in it.
+pub fn find_by_inode(ino: u64) -> Option<NetNs> {
+    fs::read_dir("/proc")
+        .ok()?
+        .filter_map(|e| e.ok())
+        .filter(|e| {
+            e.file_name()
+                .to_str()
+                .is_some_and(|n| n.parse::<u32>().is_ok())
+        })
+        .map(|e| e.path().join("ns/net"))
+        .filter(|p| fs::metadata(p).is_ok_and(|m| m.ino() == ino))
+        .find_map(|p| NetNs::open(p).ok().filter(|n| n.inode().ok() == Some(ino)))
 }
 
 /// Runs `f` on a fresh thread that has first entered `ns`, and returns its result. The thread

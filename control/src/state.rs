@@ -39,7 +39,8 @@ pub struct EndpointRecord {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub aliases: Vec<String>,
     /// The namespace came as a file descriptor (`netns` is not a path the daemon can open): its
-    /// engine drives the endpoint's life (CNI DEL) and a restart cannot restore it.
+    /// engine drives the endpoint's life (CNI DEL) and a restart finds the namespace through a
+    /// process in it (`ns_inode`).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub ns_by_fd: bool,
 }

@@ -352,8 +352,9 @@ fn cni_plugin_add_check_del() {
 
 /// `endpoint.connect` with the namespace as an fd (`netns_fd`, what the CNI plugin sends from
 /// rootless Podman's mount namespace): checked, attached, left alone by the reaper although
-/// its path is nothing here, and not restored after a restart; with a path that names the same
-/// namespace here it is an ordinary endpoint. A descriptor no request asked for is dropped.
+/// its path is nothing here, and after a restart found again through a process in it (not
+/// restored when there is none); with a path that names the same namespace here it is an
+/// ordinary endpoint. A descriptor no request asked for is dropped.
 #[test]
 fn netns_passed_as_fd() {
     use switchyard_control::client::Client;
@@ -419,6 +420,24 @@ fn netns_passed_as_fd() {
             .len(),
         2
     );
+
+    // One more by fd, with a process in its namespace: a restart finds it through that.
+    let cns = env.container("fdc");
+    let mut sleeper = Command::new(BIN)
+        .args([
+            "__in-netns",
+            cns.path.to_str().unwrap(),
+            "--",
+            "sleep",
+            "600",
+        ])
+        .spawn()
+        .unwrap();
+    let mut rc = req("/elsewhere/fdc");
+    rc["name"] = json!("fdc");
+    let _: Value = c
+        .call_with_fd("endpoint.connect", rc, cns.ns.as_fd())
+        .unwrap();
     drop(c);
 
     env.stop_daemon(nix::sys::signal::Signal::SIGTERM);
@@ -430,8 +449,19 @@ fn netns_passed_as_fd() {
         .iter()
         .map(|e| e["name"].as_str().unwrap())
         .collect();
-    assert_eq!(names, ["fdb"], "only the endpoint with a path is restored");
-    assert!(env.log().contains("came as a file descriptor"));
+    let _ = sleeper.kill();
+    let _ = sleeper.wait();
+    assert_eq!(
+        names,
+        ["fdb", "fdc"],
+        "fda (no process in its namespace) is not restored"
+    );
+    assert!(env.log().contains("no process is left in it"));
+    assert_eq!(
+        eps[1]["netns"], "/elsewhere/fdc",
+        "the path as the client gave it"
+    );
     assert_eq!(ping(&b.ns), 1);
+    assert_eq!(ping(&cns.ns), 1);
     env.ok(&["disconnect", "fdn", "fdb"]);
 }

@@ -861,6 +861,13 @@ struct UserDaemon {
 
 impl UserDaemon {
     fn start(env: &Env) -> UserDaemon {
+        UserDaemon {
+            child: UserDaemon::spawn(env),
+        }
+    }
+
+    /// The daemon process, once its socket accepts.
+    fn spawn(env: &Env) -> Child {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -887,12 +894,16 @@ impl UserDaemon {
             std::os::unix::net::UnixStream::connect(&env.socket).ok()
         });
         assert!(ready.is_some(), "daemon did not start\n{}", env.log());
-        UserDaemon { child }
+        child
     }
 }
 
-impl Drop for UserDaemon {
-    fn drop(&mut self) {
+impl UserDaemon {
+    /// SIGTERM and wait (then SIGKILL); nothing when it has ended.
+    fn stop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_some() {
+            return;
+        }
         let _ = nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(self.child.id() as i32),
             nix::sys::signal::Signal::SIGTERM,
@@ -901,6 +912,12 @@ impl Drop for UserDaemon {
             let _ = self.child.kill();
             let _ = self.child.wait();
         }
+    }
+}
+
+impl Drop for UserDaemon {
+    fn drop(&mut self) {
+        self.stop();
     }
 }
 
@@ -934,7 +951,7 @@ fn rootless_podman_with_switchyard_cni() {
     })
     .unwrap();
     std::fs::set_permissions(&env.dir, std::fs::Permissions::from_mode(0o777)).unwrap();
-    let _daemon = UserDaemon::start(&env);
+    let mut daemon = UserDaemon::start(&env);
     let _httpd = Httpd::start(&ext.path, &env.dir, "192.0.2.1:8000");
     let pm = Podman::new(env.dir.join("p"), &env.host, true);
     pm.conflist("sy3", "10.92.0.0/24", &env.socket);
@@ -951,6 +968,16 @@ fn rootless_podman_with_switchyard_cni() {
     );
     let web = two_containers_talk(&pm, &env, "sy3", "192.0.2.10");
     assert!(web.starts_with("10.92.0."), "{web}");
+    // A daemon restart finds the namespace again through the container's process.
+    daemon.stop();
+    daemon.child = UserDaemon::spawn(&env);
+    assert_eq!(
+        endpoints(&env, "sy3"),
+        eps,
+        "restored as it was\n{}",
+        env.log()
+    );
+    assert_eq!(two_containers_talk(&pm, &env, "sy3", "192.0.2.10"), web);
 
     // -p through rootlessport reaches the container.
     let page = until(10, || wget_from(&ext.path, "http://192.0.2.10:8082/"));
