@@ -357,7 +357,27 @@ fn rootless_switching_outbound_tcp_udp_and_servers_that_close_or_refuse() {
     srv.join().unwrap();
     let e = in_ns(p1, || TcpStream::connect((HOST_IP, 8002))).unwrap_err();
     assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused);
-    // The host's loopback is not reachable without --host-loopback; nor is the gateway.
+    // The host's loopback is not reachable without --host-loopback (10.0.2.2 is just an
+    // outside address the host has no route to); nor is the gateway.
+    let lo = run_in(&env.host_ns(), || {
+        TcpListener::bind((Ipv4Addr::LOCALHOST, 8003))
+    })
+    .unwrap()
+    .unwrap();
+    lo.set_nonblocking(true).unwrap();
+    let e = in_ns(p1, || {
+        TcpStream::connect_timeout(
+            &SocketAddr::from((Ipv4Addr::new(10, 0, 2, 2), 8003)),
+            Duration::from_secs(5),
+        )
+    })
+    .unwrap_err();
+    assert_ne!(e.kind(), std::io::ErrorKind::TimedOut, "{e}: told at once");
+    assert_eq!(
+        lo.accept().unwrap_err().kind(),
+        std::io::ErrorKind::WouldBlock,
+        "nothing reached the host's loopback"
+    );
     let gw = Ipv4Addr::new(10, 93, 0, 1);
     let e = in_ns(p1, || TcpStream::connect((gw, 8000))).unwrap_err();
     assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused);
@@ -662,11 +682,11 @@ fn ss_field(info: &str, key: &str) -> Option<u32> {
 }
 
 #[test]
-fn rootless_window_and_mss_follow_the_network_mtu_and_half_close_is_carried() {
+fn rootless_window_and_mss_follow_the_network_mtu_half_close_is_carried_and_host_loopback() {
     if !root() {
         return;
     }
-    let mut env = Rootless::new(&[]);
+    let mut env = Rootless::new(&["--host-loopback", "10.0.2.2"]);
     env.ok(&[
         "network",
         "create",
@@ -708,6 +728,30 @@ fn rootless_window_and_mss_follow_the_network_mtu_and_half_close_is_carried() {
         assert_eq!(answer, format!("got {} bytes", 3 << 20), "mtu {mtu}");
         srv.join().unwrap();
     }
+
+    // --host-loopback under the unprivileged daemon: 10.0.2.2 is the host's 127.0.0.1, and a
+    // half-close goes through that path too.
+    let l = run_in(&host, || TcpListener::bind((Ipv4Addr::LOCALHOST, 8202)))
+        .unwrap()
+        .unwrap();
+    let srv = std::thread::spawn(move || {
+        let (mut s, peer) = l.accept().unwrap();
+        let mut got = String::new();
+        s.read_to_string(&mut got).unwrap();
+        s.write_all(format!("{got} from {}", peer.ip()).as_bytes())
+            .unwrap();
+    });
+    let mut c = in_ns(ps, || {
+        TcpStream::connect((Ipv4Addr::new(10, 0, 2, 2), 8202))
+    })
+    .unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    c.write_all(b"hello host").unwrap();
+    c.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut answer = String::new();
+    c.read_to_string(&mut answer).unwrap();
+    assert_eq!(answer, "hello host from 127.0.0.1");
+    srv.join().unwrap();
 
     // Inbound through a published port, the same both ways: smoltcp connects to the
     // container with the MSS of the network, and the host client's half-close reaches the
