@@ -818,6 +818,23 @@ fn podman_with_switchyard_cni() {
     assert_eq!(ports[0]["host_port"], 8080, "{ports}");
     let url = "http://192.0.2.10:8080/cgi-bin/peer";
     keeps_client_address(&env, &ext, url);
+
+    // podman stop releases the endpoint and its port (DEL); podman start restores them (ADD).
+    pm.ok(&["stop", "-t", "0", "web2"]);
+    assert_eq!(
+        until(10, || endpoints(&env, "sy2").is_empty().then_some(())),
+        Some(()),
+        "DEL on stop"
+    );
+    assert_eq!(wget_from(&ext.path, url), None, "stop releases the port");
+    pm.ok(&["start", "web2"]);
+    keeps_client_address(&env, &ext, url);
+    // A daemon restart keeps the CNI-made network, endpoint and port.
+    let eps = endpoints(&env, "sy2");
+    env.stop_daemon(nix::sys::signal::Signal::SIGTERM);
+    env.start_daemon();
+    assert_eq!(endpoints(&env, "sy2"), eps, "restored\n{}", env.log());
+    keeps_client_address(&env, &ext, url);
     removal_releases(&pm, &env, "sy2", "web2", &ext, url);
     assert_eq!(stray_links(&env), Vec::<String>::new(), "no interface left");
     println!("podman end to end: {:.1}s", t0.elapsed().as_secs_f64());
