@@ -1901,7 +1901,8 @@ fn raise_nofile() {
 fn open_uplink(u: &UplinkArgs) -> Result<switchyard_switch::backend::packet::PacketSocket> {
     let idx = nix::net::if_::if_nametoindex(u.iface.as_str())
         .map_err(|e| Error::not_found(format!("uplink interface {}: {e}", u.iface)))?;
-    // With virtio-net headers: GRO'd or TSO frames arrive whole and are cut in software.
+    // With virtio-net headers: GRO'd or TSO frames arrive whole, and an established flow's
+    // cross the NAT and leave whole (the kernel cuts them if the interface cannot).
     switchyard_switch::backend::packet::PacketSocket::open_vnet(idx)
         .map_err(|e| Error::system(format!("opening uplink {}: {e}", u.iface)))
 }

@@ -2,9 +2,10 @@
 //!
 //! A veth peer with TSO, or GRO on a NIC, hands an AF_PACKET reader TCP frames of up to 64 KB
 //! that carry a `virtio_net_hdr` (PACKET_VNET_HDR) saying how to cut them. Where the egress
-//! cannot take such a frame (the NAT path today, a plain tap), it is cut here into MSS-sized
-//! frames with their IPv4 and TCP headers fixed and both checksums computed in full. Pure:
-//! fuzzed and unit-tested in memory.
+//! cannot take such a frame (a plain tap, an AF_PACKET socket without vnet headers) or the NAT
+//! will not take it whole (a new flow, local traffic), it is cut here into MSS-sized frames
+//! with their IPv4 and TCP headers fixed and both checksums computed in full. Pure: fuzzed and
+//! unit-tested in memory.
 
 use smoltcp::wire::{IpAddress, Ipv4Packet, TcpPacket};
 
