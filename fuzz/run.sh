@@ -9,7 +9,7 @@ secs="${1:-30}"
 shift || true
 targets=("$@")
 if [ ${#targets[@]} -eq 0 ]; then
-    targets=(frame switch nat control replay dns)
+    targets=(frame switch nat control replay dns uplink)
 fi
 
 if ! command -v cargo-fuzz >/dev/null 2>&1; then

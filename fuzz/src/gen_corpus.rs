@@ -331,7 +331,18 @@ fn nat_sequences() -> Vec<(&'static str, Vec<Op>)> {
         op(P_C1, 0, c1(40003, 443, 100, 0, SYN)),
         op(P_UP, 10, out(443, 40003, 900, 101, SYN | ACK)),
         big(
-            tcp(GW1_MAC, C1_MAC, C1, OUTSIDE, 40003, 443, 101, 901, PSH | ACK, &body),
+            tcp(
+                GW1_MAC,
+                C1_MAC,
+                C1,
+                OUTSIDE,
+                40003,
+                443,
+                101,
+                901,
+                PSH | ACK,
+                &body,
+            ),
             C1,
             OUTSIDE,
         ),
@@ -339,7 +350,15 @@ fn nat_sequences() -> Vec<(&'static str, Vec<Op>)> {
             port: P_UP,
             ..big(
                 tcp(
-                    UPLINK_MAC, NEXT_HOP, OUTSIDE, UPLINK_IP, 443, 40003, 901, 20101, PSH | ACK,
+                    UPLINK_MAC,
+                    NEXT_HOP,
+                    OUTSIDE,
+                    UPLINK_IP,
+                    443,
+                    40003,
+                    901,
+                    20101,
+                    PSH | ACK,
                     &body,
                 ),
                 OUTSIDE,
@@ -506,6 +525,13 @@ fn main() {
             name,
             &encode_ops(&[op(port, 0, f.clone())]),
         );
+    }
+    // uplink: the IPv4 packets of the single frames, as the router hands them to the socket
+    // uplink (no Ethernet header).
+    for (name, f) in &singles {
+        if f.len() > 14 && f[12..14] == [0x08, 0x00] {
+            write(&root.join("uplink"), name, &f[14..]);
+        }
     }
     for (name, ops) in switch_sequences() {
         write(&root.join("switch"), name, &encode_ops(&ops));
