@@ -101,7 +101,10 @@ fuzz_target!(|data: &[u8]| {
             // Translated whole: a TCPv4 GSO frame with a valid IPv4 header and total length,
             // whose partial checksum finishes into the right one, and whose segments fit.
             assert_eq!(h.gso(), GSO_TCPV4, "a header that is not TCPv4 GSO");
-            assert_eq!(usize::from(u16::from_be_bytes([f[16], f[17]])), f.len() - 14);
+            assert_eq!(
+                usize::from(u16::from_be_bytes([f[16], f[17]])),
+                f.len() - 14
+            );
             let mut whole = f.to_vec();
             assert!(complete_checksum(
                 &mut whole,
