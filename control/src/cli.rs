@@ -152,6 +152,16 @@ pub struct DaemonArgs {
     /// Serve the embedded DNS on the default `bridge` network too (off, like Docker's).
     #[arg(long)]
     pub bridge_dns: bool,
+    /// Microseconds the dataplane keeps polling without sleeping after it moved frames, so a
+    /// quick reply skips a thread wakeup (0: off). Spins only after traffic; an idle daemon
+    /// blocks.
+    #[arg(
+        long,
+        value_name = "USECS",
+        env = "SWITCHYARD_BUSY_POLL",
+        default_value_t = 50
+    )]
+    pub busy_poll: u64,
 }
 
 #[derive(Subcommand, Debug)]

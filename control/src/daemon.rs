@@ -67,6 +67,8 @@ pub struct DaemonConfig {
     pub dns: Vec<Ipv4Addr>,
     /// Serve the embedded DNS on the default `bridge` network too.
     pub bridge_dns: bool,
+    /// How long the dataplane polls without sleeping after moving frames (zero: off).
+    pub busy_poll: StdDuration,
 }
 
 /// Apply `NAME=SECS` overrides to the conntrack timeouts.
@@ -1793,7 +1795,7 @@ pub fn run(cfg: DaemonConfig) -> Result<()> {
     pipeline.dns_up_tcp =
         crate::dns::UpstreamTcp::new(dcfg.tcp_timeout, rcfg.seed.rotate_left(29) ^ 0x7c9a);
     pipeline.dns = crate::dns::DnsServer::new(dcfg);
-    let dp = Dataplane::spawn(pipeline, uplink_sock)
+    let dp = Dataplane::spawn(pipeline, uplink_sock, cfg.busy_poll)
         .map_err(|e| Error::system(format!("starting the dataplane: {e}")))?;
     if cfg.uplink.is_none() {
         // The default uplink: container flows leave through ordinary host sockets.

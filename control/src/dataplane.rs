@@ -3,7 +3,8 @@
 //! Configuration arrives as closures over a crossbeam channel plus a `mio::Waker`, so the
 //! control thread never shares the switch or the router behind a lock: the hot path takes no
 //! lock per packet. Each readable fd is drained in batches of [`BATCH`] frames, round-robin, so
-//! one busy port cannot starve the others (boringtun's MAX_ITR).
+//! one busy port cannot starve the others (boringtun's MAX_ITR). After a round that moved frames
+//! the loop polls without sleeping for a bounded window ([`BusyPoll`], `--busy-poll`).
 
 use std::collections::HashSet;
 use std::io;
@@ -25,7 +26,10 @@ use crate::error::{Error, Result};
 use crate::pipeline::{Out, Pipeline, Verdict};
 use crate::uplink::{SocketCounters, SocketUplink, SocketUplinkConfig, TOKEN_BASE};
 
+mod busy_poll;
 mod dns_io;
+
+use busy_poll::BusyPoll;
 
 const WAKER: Token = Token(0);
 const UPLINK: Token = Token(1);
@@ -509,7 +513,7 @@ impl DpState {
     }
 }
 
-fn run(mut poll: Poll, jobs: Receiver<Job>, mut st: DpState) {
+fn run(mut poll: Poll, jobs: Receiver<Job>, mut st: DpState, mut busy: BusyPoll) {
     let mut events = Events::with_capacity(256);
     let mut buf = vec![0u8; MAX_FRAME];
     let mut ready: Vec<Token> = Vec::new();
@@ -524,7 +528,8 @@ fn run(mut poll: Poll, jobs: Receiver<Job>, mut st: DpState) {
             if let Some(t) = st.dns_due() {
                 due = due.min(t);
             }
-            due.saturating_duration_since(std::time::Instant::now())
+            let now = std::time::Instant::now();
+            busy.timeout(due.saturating_duration_since(now), now)
         } else {
             StdDuration::ZERO
         };
@@ -534,6 +539,7 @@ fn run(mut poll: Poll, jobs: Receiver<Job>, mut st: DpState) {
                 return;
             }
         }
+        busy.round(!events.is_empty(), std::time::Instant::now());
         let (mut dns_readable, mut dns_tcp) = (false, false);
         for ev in events.iter() {
             let t = ev.token();
@@ -583,7 +589,13 @@ pub struct Dataplane {
 }
 
 impl Dataplane {
-    pub fn spawn(pipeline: Pipeline, uplink: Option<PacketSocket>) -> io::Result<Dataplane> {
+    /// `busy_poll`: how long the loop keeps polling without sleeping after a round that moved
+    /// frames (zero: always block).
+    pub fn spawn(
+        pipeline: Pipeline,
+        uplink: Option<PacketSocket>,
+        busy_poll: StdDuration,
+    ) -> io::Result<Dataplane> {
         let poll = Poll::new()?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
         let registry = poll.registry().try_clone()?;
@@ -605,7 +617,7 @@ impl Dataplane {
         };
         let thread = std::thread::Builder::new()
             .name("dataplane".into())
-            .spawn(move || run(poll, rx, state))?;
+            .spawn(move || run(poll, rx, state, BusyPoll::new(busy_poll)))?;
         Ok(Dataplane {
             jobs,
             waker,

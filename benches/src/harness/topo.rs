@@ -49,6 +49,8 @@ pub const ALL: &[&str] = &[
     "switchyard-veth",
     "switchyard-socket",
     "switchyard-socket-1500",
+    "switchyard-tap-nobp",
+    "switchyard-socket-nobp",
     "switchyard-docker",
     "kernel",
     "docker-bridge",
@@ -110,7 +112,12 @@ pub fn available(dp: &str, switchyard: &Path) -> Result<(), String> {
         }
     };
     match dp {
-        "switchyard-tap" | "switchyard-veth" | "switchyard-socket" | "switchyard-socket-1500" => {
+        "switchyard-tap"
+        | "switchyard-veth"
+        | "switchyard-socket"
+        | "switchyard-socket-1500"
+        | "switchyard-tap-nobp"
+        | "switchyard-socket-nobp" => {
             if switchyard.is_file() {
                 Ok(())
             } else {
@@ -205,9 +212,12 @@ pub fn build(dp: &str, switchyard: &Path) -> Result<Topo, String> {
     ip(&["-n", &en, "link", "set", "ext0", "up"])?;
     ip(&["-n", &hn, "link", "set", "up0", "up"])?;
     match dp {
-        "switchyard-tap" | "switchyard-veth" | "switchyard-socket" | "switchyard-socket-1500" => {
-            switchyard_dp(&mut t, &host, switchyard, dp)?
-        }
+        "switchyard-tap"
+        | "switchyard-veth"
+        | "switchyard-socket"
+        | "switchyard-socket-1500"
+        | "switchyard-tap-nobp"
+        | "switchyard-socket-nobp" => switchyard_dp(&mut t, &host, switchyard, dp)?,
         "switchyard-docker" => docker_dp(&mut t, &host, Some(switchyard))?,
         "docker-bridge" => docker_dp(&mut t, &host, None)?,
         "kernel" => kernel_dp(&mut t, &host)?,
@@ -300,6 +310,8 @@ fn container(ns: &Path, addr: Ipv4Addr) -> Result<(), String> {
 /// as pasta's default and slirp4netns's here, so the three compare like for like.
 /// `switchyard-socket-1500`: the same with a network's default MTU.
 fn switchyard_dp(t: &mut Topo, host: &Path, bin: &Path, dp: &str) -> Result<(), String> {
+    let nobp = dp.ends_with("-nobp");
+    let dp = dp.trim_end_matches("-nobp");
     let kind = if dp.ends_with("veth") { "veth" } else { "tap" };
     let socket_uplink = dp.starts_with("switchyard-socket");
     let mtu = if dp.ends_with("-1500") {
@@ -310,7 +322,8 @@ fn switchyard_dp(t: &mut Topo, host: &Path, bin: &Path, dp: &str) -> Result<(), 
     if socket_uplink {
         uplink_address(host)?;
     }
-    let socket = start_switchyard(t, host, bin, !socket_uplink, &[])?;
+    let extra: &[&str] = if nobp { &["--busy-poll", "0"] } else { &[] };
+    let socket = start_switchyard(t, host, bin, !socket_uplink, extra)?;
     let cli = |args: &[&str]| -> Result<String, String> {
         let out = run_cmd(
             None,
