@@ -37,6 +37,7 @@ pub struct Args {
     pub only: Vec<String>,
     /// Comma-separated dataplanes (default: switchyard-tap,switchyard-veth,switchyard-socket,
     /// kernel,pasta,slirp4netns where installed; on request only: switchyard-socket-1500,
+    /// switchyard-tap-nobp and switchyard-socket-nobp (the daemon with --busy-poll 0),
     /// switchyard-docker and docker-bridge, which run a dockerd of their own, and the
     /// experimental ovs,ovs-notso).
     #[arg(long, value_delimiter = ',')]

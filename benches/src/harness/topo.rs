@@ -309,6 +309,7 @@ fn container(ns: &Path, addr: Ipv4Addr) -> Result<(), String> {
 /// in the host namespace and flows leave through host sockets; the network's MTU is 65520,
 /// as pasta's default and slirp4netns's here, so the three compare like for like.
 /// `switchyard-socket-1500`: the same with a network's default MTU.
+/// `-nobp` (tap, socket): the daemon with busy polling off, for an A/B within one run.
 fn switchyard_dp(t: &mut Topo, host: &Path, bin: &Path, dp: &str) -> Result<(), String> {
     let nobp = dp.ends_with("-nobp");
     let dp = dp.trim_end_matches("-nobp");
