@@ -10,7 +10,7 @@ pub mod work;
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::net::SocketAddrV4;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use clap::Parser;
@@ -208,6 +208,22 @@ fn default_switchyard() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("switchyard"))
 }
 
+/// `cargo run --bin switchyard-bench` rebuilds the harness but not the `switchyard` binary next
+/// to it, so a run after a source change would quietly measure an old daemon: say so.
+fn warn_if_stale(switchyard: &Path) {
+    let mtime = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    let me = std::env::current_exe().ok();
+    if let (Some(sy), Some(me)) = (mtime(switchyard), me.as_deref().and_then(mtime)) {
+        if sy < me {
+            eprintln!(
+                "switchyard-bench: note: {} is older than this harness; if its sources changed, \
+                 run `cargo build --release --bins` first",
+                switchyard.display()
+            );
+        }
+    }
+}
+
 /// Runs one test on one topology.
 fn run_test(t: &Topo, test: &str, a: &Args) -> work::Outcome {
     let tcp = a.tcp_secs.unwrap_or(if a.quick { 1 } else { 5 });
@@ -263,6 +279,9 @@ pub fn run(a: &Args) -> Result<Results, String> {
     let t_start = Instant::now();
     let reps = a.reps.unwrap_or(if a.quick { 1 } else { 3 }).max(1);
     let switchyard = a.switchyard.clone().unwrap_or_else(default_switchyard);
+    if a.switchyard.is_none() {
+        warn_if_stale(&switchyard);
+    }
     let tests: Vec<String> = if a.only.is_empty() {
         TESTS.iter().map(|t| t.id.to_string()).collect()
     } else {
