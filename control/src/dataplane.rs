@@ -484,30 +484,33 @@ impl DpState {
             ports,
             captures,
             host,
+            tx_scratch,
             ..
         } = self;
         let Some(h) = host.as_mut() else { return };
         h.flush(std::time::Instant::now());
         let out = h.take_out();
-        if out.is_empty() {
+        if out.packets.is_empty() {
             h.give_back(out);
             return;
         }
         let (ports, captures) = (&*ports, &*captures);
         let capturing = !captures.list.is_empty();
-        let mut tx = |o: Out, frame: &[u8]| -> bool {
+        let mut tx = |o: Out, frame: &[u8], hdr: Option<&VnetHdr>| -> bool {
             let Out::Port(p) = o else { return false };
             let Some(io) = ports.get(p.0 as usize).and_then(Option::as_ref) else {
                 return false;
             };
-            let ok = io.write(frame, None, &mut Vec::new()).is_ok();
+            let ok = io.write(frame, hdr, tx_scratch).is_ok();
             if capturing && ok {
                 captures.copy(p, Direction::ToContainer, frame);
             }
             ok
         };
-        for p in &out {
-            pipeline.from_host(p, now, &mut tx);
+        let mut gso = out.gso.iter().peekable();
+        for (i, p) in out.packets.iter().enumerate() {
+            let g = gso.next_if(|(j, _)| *j == i).map(|&(_, g)| g);
+            pipeline.from_host(p, g, now, &mut tx);
         }
         h.give_back(out);
     }

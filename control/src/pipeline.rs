@@ -248,17 +248,22 @@ impl Pipeline {
     }
 
     /// An IPv4 packet from the host uplink for a container: framed by the router and delivered
-    /// through the container's network.
+    /// through the container's network. With `gso_size`, a TCP super-packet: it leaves as one
+    /// GSO frame (`tx` is given its header: a vnet tap takes it whole, other ports cut it).
     pub fn from_host(
         &mut self,
         packet: &[u8],
+        gso_size: Option<u16>,
         now: Instant,
-        tx: &mut dyn FnMut(Out, &[u8]) -> bool,
+        tx: &mut OffloadTx<'_>,
     ) -> Verdict {
         let mut emits = std::mem::take(&mut self.emits);
         emits.clear();
-        let v = self.router.inject_from_host(packet, now, &mut emits);
-        self.deliver(&emits, now, &mut wire_tx(tx));
+        let v = match gso_size {
+            None => self.router.inject_from_host(packet, now, &mut emits),
+            Some(g) => self.router.inject_gso_from_host(packet, g, now, &mut emits),
+        };
+        self.deliver(&emits, now, tx);
         self.emits = emits;
         from_router(v)
     }

@@ -698,7 +698,7 @@ fn rootless_window_and_mss_follow_the_network_mtu_half_close_is_carried_and_host
     ]);
     env.ok(&["network", "create", "std", "--subnet", "10.99.0.0/24"]);
     let (pj, _) = env.container("jumbo", "j", &["-p", "18090:90"]);
-    let (ps, _) = env.container("std", "s", &[]);
+    let (ps, _) = env.container("std", "s", &["-p", "18091:91"]);
     let host = env.host_ns();
 
     // Outbound: the MSS smoltcp offers the container is the network's MTU less 40, with
@@ -779,6 +779,53 @@ fn rootless_window_and_mss_follow_the_network_mtu_half_close_is_carried_and_host
     let info = srv.join().unwrap();
     assert_eq!(ss_field(&info, "mss"), Some(8960), "{info}");
     assert!(ss_field(&info, "wscale").unwrap_or(0) >= 1, "{info}");
+
+    // At MTU 1500, smoltcp's large segments reach the container's tap as GSO frames: the bytes
+    // arrive whole in far fewer packets than 1460-byte segments would take, and the
+    // container's own MSS stays the network's.
+    let l = in_ns(ps, || TcpListener::bind("0.0.0.0:91")).unwrap();
+    let rx_before = rx_packets(ps);
+    let srv = std::thread::spawn(move || {
+        let (mut s, _) = l.accept().unwrap();
+        let info = ss_info(ps, 91);
+        let mut got = Vec::new();
+        s.read_to_end(&mut got).unwrap();
+        s.write_all(&fnv(&got).to_be_bytes()).unwrap();
+        (info, got.len())
+    });
+    let mut c = run_in(&host, || TcpStream::connect((HOST_IP, 18091)))
+        .unwrap()
+        .unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let sent = pattern(8 << 20, 3);
+    c.write_all(&sent).unwrap();
+    c.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut back = Vec::new();
+    c.read_to_end(&mut back).unwrap();
+    assert_eq!(
+        back,
+        fnv(&sent).to_be_bytes(),
+        "the bytes the container got"
+    );
+    let (info, n) = srv.join().unwrap();
+    assert_eq!(n, 8 << 20);
+    assert_eq!(ss_field(&info, "mss"), Some(1460), "{info}");
+    let packets = rx_packets(ps) - rx_before;
+    assert!(
+        packets * 3 < (8 << 20) / 1460,
+        "{packets} packets for 8 MiB: not GSO frames"
+    );
+}
+
+/// Packets received on the container's eth0 (a GSO frame counts once).
+fn rx_packets(pid: i32) -> u64 {
+    let dev = in_ns(pid, || std::fs::read_to_string("/proc/thread-self/net/dev")).unwrap();
+    let line = dev
+        .lines()
+        .find(|l| l.trim_start().starts_with("eth0:"))
+        .unwrap_or_else(|| panic!("no eth0 in {dev}"));
+    let fields: Vec<&str> = line.split(':').nth(1).unwrap().split_whitespace().collect();
+    fields[1].parse().unwrap()
 }
 
 /// Write `chunk`s without blocking until nothing more is taken for a second; the total.

@@ -2,8 +2,9 @@
 //! Any bytes as an IPv4 packet a container sends to the socket uplink: its parser
 //! (`uplink::wire::parse`) and every packet the uplink builds from what it parsed (the UDP
 //! datagram relayed back, an echo reply, the ICMP errors quoting it: unreachable, refused,
-//! prohibited). Never a panic; offsets stay inside the packet; what is built parses back with
-//! the addresses swapped and verifies.
+//! prohibited), and the TCP rewrites (a SYN's MSS, a super-packet's partial checksum). Never
+//! a panic; offsets stay inside the packet; what is built parses back with the addresses
+//! swapped and verifies.
 
 use libfuzzer_sys::fuzz_target;
 use smoltcp::wire::{IpAddress, Ipv4Packet, UdpPacket};
@@ -51,7 +52,24 @@ fuzz_target!(|data: &[u8]| {
             assert!(icmp_sums_to_zero(&m));
             assert_eq!(u16::from_be_bytes([m[4], m[5]]), id);
         }
-        L4::Tcp { .. } | L4::Other => {}
+        L4::Tcp { .. } => {
+            // The MSS rewrite of a SYN: only the option's two bytes change, and a second
+            // rewrite reads back the first one's value.
+            let mut pkt = data.to_vec();
+            if let Some(_old) = wire::replace_syn_mss(&mut pkt, &p, 0xfedc) {
+                let changed: Vec<usize> = (0..pkt.len()).filter(|&i| pkt[i] != data[i]).collect();
+                assert!(changed.len() <= 2 && changed.iter().all(|&i| i >= p.l4_off + 20));
+                assert_eq!(wire::replace_syn_mss(&mut pkt, &p, 1), Some(0xfedc));
+            }
+            // A super-packet's partial checksum: only the TCP checksum field changes.
+            let mut pkt = data.to_vec();
+            if let Some(thl) = wire::to_partial_tcp(&mut pkt) {
+                assert!(thl >= 20 && p.l4_off + thl <= p.end);
+                let at = p.l4_off + 16;
+                assert_eq!((&pkt[..at], &pkt[at + 2..]), (&data[..at], &data[at + 2..]));
+            }
+        }
+        L4::Other => {}
     }
     for code in [
         wire::NET_UNREACHABLE,

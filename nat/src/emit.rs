@@ -73,9 +73,19 @@ impl Emits {
 
     /// Append a zeroed frame of `len` bytes and return it for the caller to fill.
     pub(crate) fn push(&mut self, egress: Egress, len: usize) -> &mut [u8] {
+        self.push_offloaded(egress, len, None)
+    }
+
+    /// [`Self::push`] for a frame that goes out with a virtio-net header.
+    pub(crate) fn push_offloaded(
+        &mut self,
+        egress: Egress,
+        len: usize,
+        hdr: Option<VnetHdr>,
+    ) -> &mut [u8] {
         let start = self.arena.len();
         self.arena.resize(start + len, 0);
-        self.frames.push((egress, start..start + len, None));
+        self.frames.push((egress, start..start + len, hdr));
         &mut self.arena[start..]
     }
 

@@ -12,6 +12,7 @@
 
 use std::net::Ipv4Addr;
 
+use switchyard_switch::gso::{VnetHdr, GSO_TCPV4, VNET_F_NEEDS_CSUM};
 use switchyard_switch::{DropReason, Instant};
 
 use crate::config::{in_subnet, NetworkConfig, Verdict};
@@ -72,14 +73,32 @@ impl Router {
     /// endpoint's MACs and is emitted into the container's network. Internal networks, unknown
     /// addresses and packets over the network's MTU are dropped.
     pub fn inject_from_host(&mut self, pkt: &[u8], _now: Instant, out: &mut Emits) -> Verdict {
-        let v = self.inject(pkt, out);
+        let v = self.inject(pkt, None, out);
         if let Verdict::Dropped(r) = v {
             self.counters.drop(r);
         }
         v
     }
 
-    fn inject(&mut self, pkt: &[u8], out: &mut Emits) -> Verdict {
+    /// [`Self::inject_from_host`] for a TCP super-packet of the host uplink, larger than the
+    /// network's MTU: it enters the network as one GSO frame cut at `gso_size` payload bytes
+    /// (each segment must fit the MTU), its TCP checksum field holding the pseudo-header sum
+    /// (CHECKSUM_PARTIAL, as a vnet tap takes it; software segmentation recomputes it).
+    pub fn inject_gso_from_host(
+        &mut self,
+        pkt: &[u8],
+        gso_size: u16,
+        _now: Instant,
+        out: &mut Emits,
+    ) -> Verdict {
+        let v = self.inject(pkt, Some(gso_size), out);
+        if let Verdict::Dropped(r) = v {
+            self.counters.drop(r);
+        }
+        v
+    }
+
+    fn inject(&mut self, pkt: &[u8], gso_size: Option<u16>, out: &mut Emits) -> Verdict {
         let ip = match packet::parse_ip4(pkt) {
             Ok(ip) => ip,
             Err(r) => return Verdict::Dropped(r),
@@ -96,10 +115,28 @@ impl Router {
         let Some(mac) = self.endpoint(n.id, ip.dst) else {
             return Verdict::Dropped(DropReason::NotForUs);
         };
-        if ip.total > n.mtu {
+        let (wire, hdr) = match gso_size {
+            None => (ip.total, None),
+            Some(g) => {
+                let thl = pkt.get(ip.hlen + 12).map_or(0, |b| usize::from(b >> 4) * 4);
+                if ip.proto != 6 || g == 0 || thl < 20 || ip.hlen + thl > ip.total {
+                    return Verdict::Dropped(DropReason::Malformed);
+                }
+                let hdr = VnetHdr {
+                    flags: VNET_F_NEEDS_CSUM,
+                    gso_type: GSO_TCPV4,
+                    hdr_len: (ETH_LEN + ip.hlen + thl) as u16,
+                    gso_size: g,
+                    csum_start: (ETH_LEN + ip.hlen) as u16,
+                    csum_offset: 16,
+                };
+                (ip.hlen + thl + usize::from(g), Some(hdr))
+            }
+        };
+        if wire > n.mtu {
             return Verdict::Dropped(DropReason::Oversize);
         }
-        let buf = out.push(Egress::Network(n.id), ETH_LEN + ip.total);
+        let buf = out.push_offloaded(Egress::Network(n.id), ETH_LEN + ip.total, hdr);
         write_eth(buf, mac, n.gateway_mac);
         buf[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
         buf[ETH_LEN..].copy_from_slice(&pkt[..ip.total]);

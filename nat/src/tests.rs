@@ -1517,6 +1517,65 @@ fn injected_packets_get_the_gateway_and_endpoint_macs() {
     assert_eq!(l.r.network_for(REMOTE), None);
 }
 
+#[test]
+fn host_super_packets_enter_as_one_gso_frame_cut_within_the_mtu() {
+    let mut l = host_lab();
+    let f = tcp(
+        GW_MAC,
+        C1_MAC,
+        REMOTE,
+        80,
+        C1,
+        5000,
+        TcpControl::None,
+        Some(1),
+    );
+    let mut pkt = bare(&f);
+    pkt.truncate(40);
+    pkt.extend((0..4000u32).map(|i| i as u8));
+    let total = (pkt.len() as u16).to_be_bytes();
+    pkt[2..4].copy_from_slice(&total);
+    pkt[10..12].copy_from_slice(&[0, 0]);
+    let c = ck::full(&pkt[..20]);
+    pkt[10..12].copy_from_slice(&c.to_be_bytes());
+    l.out.clear();
+    let v = l.r.inject_gso_from_host(&pkt, 1460, l.now, &mut l.out);
+    assert_eq!(v, Verdict::Forwarded);
+    let frames: Vec<_> = l.out.iter_offloaded().collect();
+    assert_eq!(frames.len(), 1);
+    let (e, f, h) = frames[0];
+    assert_eq!(e, Egress::Network(NET));
+    assert_eq!(&f[14..], &pkt[..]);
+    assert_eq!(
+        h,
+        Some(&switchyard_switch::gso::VnetHdr {
+            flags: switchyard_switch::gso::VNET_F_NEEDS_CSUM,
+            gso_type: switchyard_switch::gso::GSO_TCPV4,
+            hdr_len: 54,
+            gso_size: 1460,
+            csum_start: 34,
+            csum_offset: 16,
+        })
+    );
+    // Segments that would not fit the MTU, the packet whole without GSO, a UDP packet, a
+    // zero segment size.
+    let u = bare(&udp(GW_MAC, C1_MAC, REMOTE, 53, C1, 1, &[0u8; 1600], 9));
+    for (p, g, why) in [
+        (&pkt, Some(1461), DropReason::Oversize),
+        (&pkt, None, DropReason::Oversize),
+        (&u, Some(1000), DropReason::Malformed),
+        (&pkt, Some(0), DropReason::Malformed),
+    ] {
+        l.out.clear();
+        let v = match g {
+            Some(g) => l.r.inject_gso_from_host(p, g, l.now, &mut l.out),
+            None => l.r.inject_from_host(p, l.now, &mut l.out),
+        };
+        assert_eq!(v, Verdict::Dropped(why));
+        assert!(l.out.is_empty());
+    }
+}
+
 // ---- the established-flow fast path (fast.rs) against the full path ----
 
 /// Two identical labs; `b` is driven through the full path only.

@@ -127,6 +127,15 @@ enum Slot {
 
 type ListenKey = (Proto, Option<Ipv4Addr>, u16);
 
+/// IPv4 packets for containers; `gso` names those (by index, ascending) that are TCP
+/// super-packets, larger than their network's MTU, with the payload size to cut them at (see
+/// `Pipeline::from_host`). Their TCP checksum field holds the pseudo-header sum.
+#[derive(Default)]
+pub struct ToContainers {
+    pub packets: Vec<Vec<u8>>,
+    pub gso: Vec<(usize, u16)>,
+}
+
 pub struct SocketUplink {
     cfg: SocketUplinkConfig,
     registry: Registry,
@@ -141,6 +150,8 @@ pub struct SocketUplink {
     dirty: Vec<usize>,
     timers: BTreeSet<(SInstant, usize)>,
     out: Vec<Vec<u8>>,
+    /// Which of `out` are TCP super-packets, and the payload size to cut them at.
+    gso: Vec<(usize, u16)>,
     /// Buffers of packets already delivered, for smoltcp's next ones (see `queue_dev`).
     spare: Vec<Vec<u8>>,
     buf: Vec<u8>,
@@ -168,6 +179,7 @@ impl SocketUplink {
             dirty: Vec::new(),
             timers: BTreeSet::new(),
             out: Vec::new(),
+            gso: Vec::new(),
             spare: Vec::new(),
             buf: vec![0u8; MAX_DATAGRAM],
             ping_warned: false,
@@ -212,17 +224,22 @@ impl SocketUplink {
     }
 
     /// Packets for containers produced since the last call.
-    pub fn take_out(&mut self) -> Vec<Vec<u8>> {
-        std::mem::take(&mut self.out)
+    pub fn take_out(&mut self) -> ToContainers {
+        ToContainers {
+            packets: std::mem::take(&mut self.out),
+            gso: std::mem::take(&mut self.gso),
+        }
     }
 
-    /// Put back what [`Self::take_out`] returned, once delivered: the vector and the packet
-    /// buffers in it are reused.
-    pub fn give_back(&mut self, mut v: Vec<Vec<u8>>) {
+    /// Put back what [`Self::take_out`] returned, once delivered: the vectors and the packet
+    /// buffers are reused.
+    pub fn give_back(&mut self, mut v: ToContainers) {
         let room = SPARE_BUFFERS.saturating_sub(self.spare.len());
-        self.spare.extend(v.drain(..).take(room));
+        self.spare.extend(v.packets.drain(..).take(room));
         if self.out.is_empty() {
-            self.out = v;
+            self.out = v.packets;
+            v.gso.clear();
+            self.gso = v.gso;
         }
     }
 
@@ -286,7 +303,9 @@ impl SocketUplink {
             if let Some(Slot::Tcp(f)) = &mut self.slots[i] {
                 // Retransmitted SYNs while the host connect runs are dropped.
                 if f.handle.is_some() {
-                    f.rxq.push_back(pkt[..p.end].to_vec());
+                    let mut v = pkt[..p.end].to_vec();
+                    f.take_syn_mss(&mut v, p);
+                    f.rxq.push_back(v);
                     self.dirty.push(i);
                 }
             }
@@ -319,7 +338,10 @@ impl SocketUplink {
             self.counters.socket_errors += 1;
             return self.reset(pkt, now);
         }
-        let flow = TcpFlow::outbound(key, mtu, pkt[..p.end].to_vec(), stream);
+        let mut syn = pkt[..p.end].to_vec();
+        let mut flow = TcpFlow::outbound(key, mtu, Vec::new(), stream);
+        flow.take_syn_mss(&mut syn, p);
+        flow.phase = super::tcp::Phase::Connecting { syn };
         let got = self.alloc(Slot::Tcp(Box::new(flow)));
         debug_assert_eq!(got, i);
         self.tcp.insert(key, i);
@@ -846,7 +868,16 @@ impl SocketUplink {
             return;
         };
         let old = f.deadline;
+        let before = self.out.len();
         let done = f.step(&mut self.stack, sn, &mut self.out, &mut self.spare);
+        for (j, pkt) in self.out.iter_mut().enumerate().skip(before) {
+            if pkt.len() > f.mtu {
+                if let Some(thl) = wire::to_partial_tcp(pkt) {
+                    let g = u16::try_from(f.gso_size(thl)).unwrap_or(u16::MAX);
+                    self.gso.push((j, g));
+                }
+            }
+        }
         let new = f.deadline;
         if let Some(t) = old {
             self.timers.remove(&(t, i));

@@ -22,9 +22,9 @@ use smoltcp::socket::tcp::{self, State};
 use smoltcp::time::{Duration as SDuration, Instant as SInstant};
 use smoltcp::wire::{HardwareAddress, IpAddress, IpCidr, IpEndpoint, IpListenEndpoint};
 
+use super::wire::{self, Parsed};
 use crate::queue_dev::{QueueDev as Dev, Recycling};
 
-/// The queue device a flow is polled through: packets in from `rx`, out to `tx`.
 /// The smoltcp interfaces (one per MTU) and an empty socket set for answering strays.
 pub(super) struct Stack {
     ifaces: HashMap<usize, Interface>,
@@ -102,9 +102,18 @@ pub(super) enum Connect {
     Failed(io::Error),
 }
 
+/// The interface MTU of flows in networks with a smaller one: smoltcp sends segments up to this
+/// (told [`GSO_MSS`] as the container's MSS), which enter the network as GSO frames cut at the
+/// container's real MSS (a vnet tap takes them whole: one write instead of forty-odd).
+pub(super) const GSO_MTU: usize = 65_520;
+pub(super) const GSO_MSS: u16 = (GSO_MTU - 40) as u16;
+
 pub(super) struct TcpFlow {
     pub key: Key,
+    /// The network's MTU.
     pub mtu: usize,
+    /// The MSS the container's SYN (or SYN-ACK) offered, where smoltcp was told [`GSO_MSS`].
+    pub mss: Option<u16>,
     pub phase: Phase,
     pub set: SocketSet<'static>,
     pub handle: Option<SocketHandle>,
@@ -149,6 +158,7 @@ impl TcpFlow {
         TcpFlow {
             key,
             mtu,
+            mss: None,
             phase: Phase::Connecting { syn },
             set: SocketSet::new(vec![]),
             handle: None,
@@ -174,7 +184,7 @@ impl TcpFlow {
         now: SInstant,
     ) -> Result<TcpFlow, tcp::ConnectError> {
         let mut s = new_socket(buffer);
-        let iface = stack.iface(mtu, now);
+        let iface = stack.iface(mtu.max(GSO_MTU), now);
         s.connect(
             iface.context(),
             IpEndpoint::new(IpAddress::Ipv4(key.c), key.cport),
@@ -188,6 +198,7 @@ impl TcpFlow {
         Ok(TcpFlow {
             key,
             mtu,
+            mss: None,
             phase: Phase::Open,
             set,
             handle: Some(handle),
@@ -200,6 +211,29 @@ impl TcpFlow {
             host_rdhup: false,
             deadline: None,
         })
+    }
+
+    /// The MTU smoltcp works with for this flow.
+    fn iface_mtu(&self) -> usize {
+        self.mtu.max(GSO_MTU)
+    }
+
+    /// A SYN (or SYN-ACK) from the container on its way to smoltcp: below [`GSO_MTU`], its MSS
+    /// is remembered and smoltcp told [`GSO_MSS`] instead.
+    pub fn take_syn_mss(&mut self, pkt: &mut [u8], p: &Parsed) {
+        if self.mtu < GSO_MTU {
+            if let Some(m) = wire::replace_syn_mss(pkt, p, GSO_MSS) {
+                self.mss = Some(m);
+            }
+        }
+    }
+
+    /// The payload size to cut a super-packet of smoltcp's at (its TCP header `thl` bytes):
+    /// the container's MSS less the TCP options, within the network's MTU.
+    pub fn gso_size(&self, thl: usize) -> usize {
+        let mss = self.mss.map_or(self.mtu, usize::from);
+        mss.saturating_sub(thl.saturating_sub(20))
+            .min(self.mtu.saturating_sub(20 + thl))
     }
 
     /// Has the host connect finished?
@@ -241,12 +275,13 @@ impl TcpFlow {
             self.rxq.clear();
             return false;
         };
-        let iface = stack.iface(self.mtu, now);
+        let iface_mtu = self.iface_mtu();
+        let iface = stack.iface(iface_mtu, now);
         let mut sink = Recycling { out, spare };
         let mut dev = Dev {
             rx: &mut self.rxq,
             tx: &mut sink,
-            mtu: self.mtu,
+            mtu: iface_mtu,
         };
         iface.poll(now, &mut dev, &mut self.set);
         let s: &mut tcp::Socket = self.set.get_mut(h);
@@ -263,7 +298,7 @@ impl TcpFlow {
             let mut dev = Dev {
                 rx: &mut self.rxq,
                 tx: &mut sink,
-                mtu: self.mtu,
+                mtu: iface_mtu,
             };
             iface.poll(now, &mut dev, &mut self.set);
         }

@@ -5,6 +5,7 @@ use std::net::Ipv4Addr;
 
 use smoltcp::wire::IpProtocol;
 use switchyard_nat::checksum as ck;
+use switchyard_switch::gso::pseudo_sum4;
 
 /// TTL of the packets we originate towards containers.
 pub const TTL: u8 = 64;
@@ -104,6 +105,59 @@ pub fn udp_payload<'a>(pkt: &'a [u8], p: &Parsed) -> &'a [u8] {
 /// The ICMP message (header and data) of a parsed packet.
 pub fn icmp_message<'a>(pkt: &'a [u8], p: &Parsed) -> &'a [u8] {
     &pkt[p.l4_off..p.end]
+}
+
+/// In a TCP SYN (or SYN-ACK) a container sent, replace the MSS option's value by `to` and
+/// return the one it had (`None`: no MSS option, or options cut short). The TCP checksum is
+/// left stale: smoltcp verifies none on the way in (the pipeline did).
+pub fn replace_syn_mss(pkt: &mut [u8], p: &Parsed, to: u16) -> Option<u16> {
+    let L4::Tcp { flags, .. } = p.l4 else {
+        return None;
+    };
+    if flags & TCP_SYN == 0 {
+        return None;
+    }
+    let tcp = pkt.get_mut(p.l4_off..p.end)?;
+    let doff = usize::from(*tcp.get(12)? >> 4) * 4;
+    let opts = tcp.get_mut(20..doff)?;
+    let mut i = 0;
+    while i < opts.len() {
+        match opts[i] {
+            0 => return None,
+            1 => i += 1,
+            kind => {
+                let len = usize::from(*opts.get(i + 1)?);
+                if len < 2 || i + len > opts.len() {
+                    return None;
+                }
+                if kind == 2 && len == 4 {
+                    let old = rd16(opts, i + 2);
+                    opts[i + 2..i + 4].copy_from_slice(&to.to_be_bytes());
+                    return Some(old);
+                }
+                i += len;
+            }
+        }
+    }
+    None
+}
+
+/// Turn a TCP packet smoltcp built (checksums complete) into a GSO super-packet's form: the
+/// TCP checksum field holds the pseudo-header sum over the whole TCP length (CHECKSUM_PARTIAL,
+/// what a vnet tap takes with GSO; software segmentation recomputes every checksum). Returns
+/// the TCP header length, `None` when it is not an unfragmented TCP packet.
+pub fn to_partial_tcp(pkt: &mut [u8]) -> Option<usize> {
+    let p = parse(pkt)?;
+    if !matches!(p.l4, L4::Tcp { .. }) || rd16(pkt, 6) & 0x3fff != 0 {
+        return None;
+    }
+    let thl = usize::from(pkt[p.l4_off + 12] >> 4) * 4;
+    if thl < 20 || p.l4_off + thl > p.end {
+        return None;
+    }
+    let sum = pseudo_sum4(p.src.octets(), p.dst.octets(), 6, p.end - p.l4_off);
+    pkt[p.l4_off + 16..p.l4_off + 18].copy_from_slice(&sum.to_be_bytes());
+    Some(thl)
 }
 
 fn ip_header(buf: &mut [u8], src: Ipv4Addr, dst: Ipv4Addr, proto: u8, total: usize) {
@@ -252,5 +306,85 @@ mod tests {
         assert!(parse(&syn).unwrap().is_syn());
         syn[33] = TCP_SYN | TCP_ACK;
         assert!(!parse(&syn).unwrap().is_syn());
+    }
+
+    /// IPv4 + TCP `B:80 -> A:4000` with `opts` and `payload`, checksums complete.
+    fn tcp_packet(flags: u8, opts: &[u8], payload: &[u8]) -> Vec<u8> {
+        let thl = 20 + opts.len();
+        let total = IP_HLEN + thl + payload.len();
+        let mut b = vec![0u8; total];
+        ip_header(&mut b, B, A, 6, total);
+        let t = &mut b[IP_HLEN..];
+        t[0..2].copy_from_slice(&80u16.to_be_bytes());
+        t[2..4].copy_from_slice(&4000u16.to_be_bytes());
+        t[4..8].copy_from_slice(&7u32.to_be_bytes());
+        t[12] = ((thl / 4) as u8) << 4;
+        t[13] = flags;
+        t[14..16].copy_from_slice(&512u16.to_be_bytes());
+        t[20..thl].copy_from_slice(opts);
+        t[thl..].copy_from_slice(payload);
+        smoltcp::wire::TcpPacket::new_unchecked(&mut b[IP_HLEN..])
+            .fill_checksum(&B.into(), &A.into());
+        b
+    }
+
+    #[test]
+    fn the_mss_option_of_a_syn_is_replaced_and_returned() {
+        // NOP NOP SACK-permitted MSS 1460 window-scale 7, end.
+        let opts = [1, 1, 4, 2, 2, 4, 0x05, 0xb4, 3, 3, 7, 0];
+        let mut syn = tcp_packet(TCP_SYN, &opts, b"");
+        let p = parse(&syn).unwrap();
+        assert_eq!(replace_syn_mss(&mut syn, &p, 65_000), Some(1460));
+        assert_eq!(&syn[IP_HLEN + 26..IP_HLEN + 28], &65_000u16.to_be_bytes());
+        assert_eq!(replace_syn_mss(&mut syn, &p, 1), Some(65_000));
+        // Not a SYN; no MSS option; an option running past the header: untouched.
+        for (flags, opts) in [
+            (TCP_ACK, &opts[..]),
+            (TCP_SYN, &[1, 1, 4, 2][..]),
+            (TCP_SYN, &[1, 2, 9, 0][..]),
+        ] {
+            let mut pkt = tcp_packet(flags, opts, b"");
+            let before = pkt.clone();
+            let p = parse(&pkt).unwrap();
+            assert_eq!(replace_syn_mss(&mut pkt, &p, 9), None);
+            assert_eq!(pkt, before);
+        }
+    }
+
+    #[test]
+    fn a_partial_super_packet_cuts_into_verified_segments_within_the_mss() {
+        let payload: Vec<u8> = (0..5000u32).map(|i| (i * 7) as u8).collect();
+        let mut pkt = tcp_packet(TCP_ACK | 0x08, &[], &payload);
+        let full = pkt[IP_HLEN + 16..IP_HLEN + 18].to_vec();
+        assert_eq!(to_partial_tcp(&mut pkt), Some(20));
+        let mut frame = vec![0u8; 12];
+        frame.extend_from_slice(&[0x08, 0x00]);
+        frame.extend_from_slice(&pkt);
+        // The CHECKSUM_PARTIAL convention: completing it gives the full checksum back.
+        let mut done = frame.clone();
+        assert!(switchyard_switch::gso::complete_checksum(
+            &mut done,
+            14 + IP_HLEN,
+            16
+        ));
+        assert_eq!(done[14 + IP_HLEN + 16..14 + IP_HLEN + 18], full[..]);
+        let mut got = Vec::new();
+        let n = switchyard_switch::gso::segment_tcp4(&frame, 1460, &mut Vec::new(), &mut |s| {
+            assert!(s.len() <= 14 + 1500, "{}", s.len());
+            let ip = Ipv4Packet::new_checked(&s[14..]).unwrap();
+            assert!(ip.verify_checksum());
+            let t = smoltcp::wire::TcpPacket::new_checked(ip.payload()).unwrap();
+            assert!(t.verify_checksum(&B.into(), &A.into()));
+            got.extend_from_slice(t.payload());
+        })
+        .unwrap();
+        assert_eq!((n, got), (4, payload));
+        // Not TCP, or a fragment: left alone.
+        let mut u = Vec::new();
+        udp_packet(&mut u, B, 53, A, 4000, b"x");
+        assert_eq!(to_partial_tcp(&mut u), None);
+        let mut frag = tcp_packet(TCP_ACK, &[], b"abc");
+        frag[6] |= 0x20;
+        assert_eq!(to_partial_tcp(&mut frag), None);
     }
 }
