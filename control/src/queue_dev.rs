@@ -91,3 +91,31 @@ impl<S: Sink> Device for QueueDev<'_, S> {
         c
     }
 }
+
+/// A smoltcp interface for a [`QueueDev`] of `mtu` bytes, holding `addr`, with any-IP mode on
+/// when `any_ip` (it then answers for every address and each socket listens on its own). The
+/// socket uplink, the gateway's DNS over TCP and the upstream DNS client each make theirs here.
+pub(crate) fn ip_interface(
+    seed: u64,
+    mtu: usize,
+    addr: std::net::Ipv4Addr,
+    any_ip: bool,
+    now: Instant,
+) -> smoltcp::iface::Interface {
+    use smoltcp::iface::{Config, Interface};
+    use smoltcp::wire::{HardwareAddress, IpAddress, IpCidr};
+    let (mut q, mut t) = (VecDeque::new(), Vec::new());
+    let mut dev = QueueDev {
+        rx: &mut q,
+        tx: &mut t,
+        mtu,
+    };
+    let mut cfg = Config::new(HardwareAddress::Ip);
+    cfg.random_seed = seed;
+    let mut i = Interface::new(cfg, &mut dev, now);
+    i.set_any_ip(any_ip);
+    i.update_ip_addrs(|a| {
+        let _ = a.push(IpCidr::new(IpAddress::Ipv4(addr), 32));
+    });
+    i
+}

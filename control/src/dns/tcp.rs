@@ -23,13 +23,13 @@ use std::collections::{BTreeMap, VecDeque};
 use std::net::{Ipv4Addr, SocketAddrV4};
 
 use serde::Serialize;
-use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
+use smoltcp::iface::{Interface, SocketHandle, SocketSet};
 use smoltcp::socket::tcp::{self, State};
-use smoltcp::wire::{HardwareAddress, IpAddress, IpCidr, IpListenEndpoint};
+use smoltcp::wire::{IpAddress, IpListenEndpoint};
 use switchyard_switch::{Duration, Instant, NetworkId};
 
 use super::server::MAX_QUERY;
-use crate::queue_dev::QueueDev as Dev;
+use crate::queue_dev::{ip_interface, QueueDev as Dev};
 
 /// Limits and timers.
 #[derive(Clone, Debug)]
@@ -148,22 +148,10 @@ fn iface(
     mtu: usize,
     now: Instant,
 ) -> &mut Interface {
+    // Any-IP: it answers for every gateway; each socket listens on its own.
     ifaces.entry(mtu).or_insert_with(|| {
-        let (mut q, mut t) = (VecDeque::new(), Vec::new());
-        let mut dev = Dev {
-            rx: &mut q,
-            tx: &mut t,
-            mtu,
-        };
-        let mut cfg = Config::new(HardwareAddress::Ip);
-        cfg.random_seed = seed ^ mtu as u64;
-        let mut i = Interface::new(cfg, &mut dev, now);
-        // Any-IP: it answers for every gateway; each socket listens on its own.
-        i.set_any_ip(true);
-        i.update_ip_addrs(|a| {
-            let _ = a.push(IpCidr::new(IpAddress::v4(169, 254, 255, 253), 32));
-        });
-        i
+        let addr = Ipv4Addr::new(169, 254, 255, 253);
+        ip_interface(seed ^ mtu as u64, mtu, addr, true, now)
     })
 }
 

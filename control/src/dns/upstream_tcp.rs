@@ -19,13 +19,13 @@ use std::collections::{BTreeMap, VecDeque};
 use std::net::{Ipv4Addr, SocketAddrV4};
 
 use serde::Serialize;
-use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
+use smoltcp::iface::{Interface, SocketHandle, SocketSet};
 use smoltcp::socket::tcp::{self, State};
-use smoltcp::wire::{HardwareAddress, IpAddress, IpCidr, IpEndpoint, IpListenEndpoint};
+use smoltcp::wire::{IpAddress, IpEndpoint, IpListenEndpoint};
 use switchyard_switch::{Duration, Instant};
 
 use super::server::MAX_TCP_MESSAGE;
-use crate::queue_dev::QueueDev as Dev;
+use crate::queue_dev::{ip_interface, QueueDev as Dev};
 
 /// Exchanges at once (each holds a connection and up to a 64 KiB answer).
 pub const MAX_EXCHANGES: usize = 32;
@@ -354,18 +354,7 @@ impl UpstreamTcp {
 }
 
 fn make_iface(seed: u64, addr: Ipv4Addr, now: Instant) -> Interface {
-    let (mut q, mut t) = (VecDeque::new(), Vec::new());
-    let mut dev = Dev {
-        rx: &mut q,
-        tx: &mut t,
-        mtu: MTU,
-    };
-    let mut cfg = Config::new(HardwareAddress::Ip);
-    cfg.random_seed = seed;
-    let mut i = Interface::new(cfg, &mut dev, now);
-    i.update_ip_addrs(|a| {
-        let _ = a.push(IpCidr::new(IpAddress::Ipv4(addr), 32));
-    });
+    let mut i = ip_interface(seed, MTU, addr, false, now);
     // Every upstream is reached out of the device (the router picks the next hop).
     let _ = i.routes_mut().add_default_ipv4_route(addr);
     i

@@ -17,13 +17,13 @@ use std::collections::{HashMap, VecDeque};
 use std::io::{self, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr};
 
-use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
+use smoltcp::iface::{Interface, SocketHandle, SocketSet};
 use smoltcp::socket::tcp::{self, State};
 use smoltcp::time::{Duration as SDuration, Instant as SInstant};
-use smoltcp::wire::{HardwareAddress, IpAddress, IpCidr, IpEndpoint, IpListenEndpoint};
+use smoltcp::wire::{IpAddress, IpEndpoint, IpListenEndpoint};
 
 use super::wire::{self, Parsed};
-use crate::queue_dev::{QueueDev as Dev, Recycling};
+use crate::queue_dev::{ip_interface, QueueDev as Dev, Recycling};
 
 /// The smoltcp interfaces (one per MTU) and an empty socket set for answering strays.
 pub(super) struct Stack {
@@ -44,21 +44,8 @@ impl Stack {
     pub fn iface(&mut self, mtu: usize, now: SInstant) -> &mut Interface {
         let seed = self.seed;
         self.ifaces.entry(mtu).or_insert_with(|| {
-            let mut q = VecDeque::new();
-            let mut t = Vec::new();
-            let mut dev = Dev {
-                rx: &mut q,
-                tx: &mut t,
-                mtu,
-            };
-            let mut cfg = Config::new(HardwareAddress::Ip);
-            cfg.random_seed = seed ^ mtu as u64;
-            let mut i = Interface::new(cfg, &mut dev, now);
-            i.set_any_ip(true);
-            i.update_ip_addrs(|a| {
-                let _ = a.push(IpCidr::new(IpAddress::v4(169, 254, 255, 254), 32));
-            });
-            i
+            let addr = Ipv4Addr::new(169, 254, 255, 254);
+            ip_interface(seed ^ mtu as u64, mtu, addr, true, now)
         })
     }
 
