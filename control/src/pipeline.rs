@@ -280,19 +280,30 @@ impl Pipeline {
             Forward::Drop(r) => Verdict::Dropped(r),
             Forward::Unicast(p) => self.output(p, frame, meta, now, tx, false),
             Forward::Flood(net) => {
-                let mut ports = std::mem::take(&mut self.flood);
-                ports.clear();
-                ports.extend(self.switch.flood_ports(net, ingress));
-                let mut verdict = Verdict::Flooded;
-                for p in &ports {
-                    if let Verdict::Answered = self.output(*p, frame, meta, now, tx, true) {
-                        verdict = Verdict::Answered;
-                    }
-                }
-                self.flood = ports;
-                verdict
+                self.flood(net, ingress, |s, p| s.output(p, frame, meta, now, tx, true))
             }
         }
+    }
+
+    /// A flooded frame out of every port of `net` but `ingress`, each through `out`:
+    /// `Answered` if the router answered it on any of them, else `Flooded`.
+    fn flood(
+        &mut self,
+        net: NetworkId,
+        ingress: PortId,
+        mut out: impl FnMut(&mut Self, PortId) -> Verdict,
+    ) -> Verdict {
+        let mut ports = std::mem::take(&mut self.flood);
+        ports.clear();
+        ports.extend(self.switch.flood_ports(net, ingress));
+        let mut verdict = Verdict::Flooded;
+        for p in &ports {
+            if let Verdict::Answered = out(self, *p) {
+                verdict = Verdict::Answered;
+            }
+        }
+        self.flood = ports;
+        verdict
     }
 
     /// An offloaded frame from an endpoint port: a GSO super-frame and/or one whose L4 checksum
@@ -330,20 +341,9 @@ impl Pipeline {
         match self.switch.handle_frame_sized(ingress, frame, now, wire) {
             Forward::Drop(r) => Verdict::Dropped(r),
             Forward::Unicast(p) => self.output_offloaded(p, frame, hdr, now, tx, false),
-            Forward::Flood(net) => {
-                let mut ports = std::mem::take(&mut self.flood);
-                ports.clear();
-                ports.extend(self.switch.flood_ports(net, ingress));
-                let mut verdict = Verdict::Flooded;
-                for p in &ports {
-                    if let Verdict::Answered = self.output_offloaded(*p, frame, hdr, now, tx, true)
-                    {
-                        verdict = Verdict::Answered;
-                    }
-                }
-                self.flood = ports;
-                verdict
-            }
+            Forward::Flood(net) => self.flood(net, ingress, |s, p| {
+                s.output_offloaded(p, frame, hdr, now, tx, true)
+            }),
         }
     }
 
