@@ -1,5 +1,6 @@
-//! End to end: `switchyard-bench --quick` for switchyard (tap) and the kernel bridge produces
-//! every figure and removes every namespace it made, also when interrupted. Root only.
+//! End to end: `switchyard-bench --quick` for switchyard (tap) and the kernel bridge (and for
+//! Open vSwitch and Docker when installed) produces every figure and removes every namespace it
+//! made, also when interrupted. Root only.
 //!
 //! The harness needs the `switchyard` binary next to its own. A test here cannot name another
 //! package's binary (`CARGO_BIN_EXE_*` is per package), so: under `cargo test --workspace` the
@@ -20,10 +21,19 @@ fn root() -> bool {
         println!("skipped: needs root (network namespaces)");
         return false;
     }
+    installed(
+        &["iperf3", "iptables-restore", "ip"],
+        "iperf3 iptables iproute2",
+    )
+}
+
+/// Whether every one of `tools` is on PATH; if not, says the test is skipped and what to
+/// install (the Debian `packages`).
+fn installed(tools: &[&str], packages: &str) -> bool {
     let path = std::env::var_os("PATH").unwrap_or_default();
-    for tool in ["iperf3", "iptables-restore", "ip"] {
+    for tool in tools {
         if !std::env::split_paths(&path).any(|d| d.join(tool).is_file()) {
-            println!("skipped: {tool} not installed (apt-get install iperf3 iptables iproute2)");
+            println!("skipped: {tool} not installed (apt-get install {packages})");
             return false;
         }
     }
@@ -111,14 +121,11 @@ fn quick_run(dir: &Path, args: &[&str], secs: u64) -> (u32, Value) {
     (pid, v)
 }
 
-#[test]
-fn quick_run_produces_every_figure_and_cleans_up() {
-    if !root() {
-        return;
-    }
-    let dir = std::env::temp_dir().join(format!("syb-test-{}", std::process::id()));
-    let (_, v) = quick_run(&dir, &["--dataplanes", "switchyard-tap,kernel"], 150);
-    let dps: Vec<&str> = v["dataplanes"]
+/// The run set up exactly `dps`, and each has every figure of every test: a positive median from
+/// non-empty positive samples, "n/a" for the kernel's CPU figures, and a ratio to the kernel for
+/// switchyard-tap.
+fn assert_every_figure(v: &Value, dps: &[&str]) {
+    let names: Vec<&str> = v["dataplanes"]
         .as_array()
         .unwrap()
         .iter()
@@ -127,9 +134,8 @@ fn quick_run_produces_every_figure_and_cleans_up() {
             d["name"].as_str().unwrap()
         })
         .collect();
-    assert_eq!(dps, ["switchyard-tap", "kernel"]);
+    assert_eq!(names, dps);
     let results = v["results"].as_array().unwrap();
-    // Every test, every figure, both dataplanes.
     let expected: &[(&str, &[&str])] = &[
         ("tcp_c2c", &["gbps", "cpu_s_per_gbit"]),
         ("tcp_nat", &["gbps", "cpu_s_per_gbit"]),
@@ -143,7 +149,7 @@ fn quick_run_produces_every_figure_and_cleans_up() {
     let mut failures = Vec::new();
     for (test, metrics) in expected {
         for m in *metrics {
-            for dp in &dps {
+            for dp in dps {
                 let r = results
                     .iter()
                     .find(|r| r["test"] == *test && r["metric"] == *m && r["dataplane"] == *dp);
@@ -178,6 +184,16 @@ fn quick_run_produces_every_figure_and_cleans_up() {
         "figures missing:\n{}",
         failures.join("\n")
     );
+}
+
+#[test]
+fn quick_run_produces_every_figure_and_cleans_up() {
+    if !root() {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("syb-test-{}", std::process::id()));
+    let (_, v) = quick_run(&dir, &["--dataplanes", "switchyard-tap,kernel"], 150);
+    assert_every_figure(&v, &["switchyard-tap", "kernel"]);
     assert!(v["generator_ceiling"]["sent_mpps"].as_f64().unwrap() > 0.0);
     let svg = std::fs::read_to_string(dir.join("switchyard-bench.svg")).unwrap();
     assert!(svg.starts_with("<svg") && svg.contains("kernel"));
@@ -253,12 +269,8 @@ fn docker_dataplanes_measure_and_clean_up() {
     if !root() {
         return;
     }
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    for tool in ["dockerd", "docker"] {
-        if !std::env::split_paths(&path).any(|d| d.join(tool).is_file()) {
-            println!("skipped: {tool} not installed (apt-get install docker.io busybox-static)");
-            return;
-        }
+    if !installed(&["dockerd", "docker"], "docker.io busybox-static") {
+        return;
     }
     if !Path::new("/bin/busybox").is_file() {
         println!("skipped: /bin/busybox not installed (apt-get install busybox-static)");
@@ -295,5 +307,38 @@ fn docker_dataplanes_measure_and_clean_up() {
             );
         }
     }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Open vSwitch with the userspace datapath, TSO on and off: every figure of every test
+/// (the NAT paths through the host's iptables included), and nothing of its own left afterwards:
+/// no namespace, no ovsdb-server or ovs-vswitchd, no scratch dir with its database.
+#[test]
+fn ovs_dataplanes_produce_every_figure_and_clean_up() {
+    if !root() {
+        return;
+    }
+    let tools = [
+        "ovs-vswitchd",
+        "ovsdb-server",
+        "ovs-vsctl",
+        "ovsdb-tool",
+        "ethtool",
+    ];
+    if !installed(&tools, "openvswitch-switch ethtool") {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("syb-otest-{}", std::process::id()));
+    let (pid, v) = quick_run(&dir, &["--dataplanes", "ovs,ovs-notso"], 200);
+    assert_eq!(
+        processes_of_run(pid),
+        Vec::<String>::new(),
+        "processes left"
+    );
+    for dp in ["ovs", "ovs-notso"] {
+        let scratch = std::env::temp_dir().join(format!("syb-{pid}-{dp}"));
+        assert!(!scratch.exists(), "{} left", scratch.display());
+    }
+    assert_every_figure(&v, &["ovs", "ovs-notso"]);
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -36,10 +36,10 @@ pub struct Args {
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
     /// Comma-separated dataplanes (default: switchyard-tap,switchyard-veth,switchyard-socket,
-    /// kernel,pasta,slirp4netns where installed; on request only: switchyard-socket-1500,
+    /// kernel,ovs,pasta,slirp4netns where installed; on request only: switchyard-socket-1500,
     /// switchyard-tap-nobp and switchyard-socket-nobp (the daemon with --busy-poll 0),
-    /// switchyard-docker and docker-bridge, which run a dockerd of their own, and the
-    /// experimental ovs,ovs-notso).
+    /// switchyard-docker and docker-bridge, which run a dockerd of their own, and ovs-notso
+    /// (Open vSwitch with userspace TSO off).
     #[arg(long, value_delimiter = ',')]
     pub dataplanes: Vec<String>,
     /// The switchyard binary (default: `switchyard` next to this executable).

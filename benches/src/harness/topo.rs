@@ -36,12 +36,13 @@ pub const DEFAULT: &[&str] = &[
     "switchyard-veth",
     "switchyard-socket",
     "kernel",
+    "ovs",
     "pasta",
     "slirp4netns",
 ];
 
-/// The dataplanes the harness knows. `ovs` and `ovs-notso` are experimental (only on request):
-/// on this machine their NAT paths time out intermittently (see the README of the harness run).
+/// The dataplanes the harness knows. `ovs-notso` (Open vSwitch without userspace TSO) is on
+/// request only: it shows what OVS costs without offloads, not a configuration to compare with.
 /// `switchyard-docker` and `docker-bridge` (on request) run dockerd: containers started by
 /// Docker on a `-d switchyard` network, and on Docker's own bridge network.
 pub const ALL: &[&str] = &[
@@ -111,6 +112,14 @@ pub fn available(dp: &str, switchyard: &Path) -> Result<(), String> {
             Err(format!("{p} not installed"))
         }
     };
+    let need_if = |cond: bool, p: &str| if cond { need(p) } else { Ok(()) };
+    let need_file = |path: &str, package: &str| {
+        if Path::new(path).is_file() {
+            Ok(())
+        } else {
+            Err(format!("{path} not installed ({package})"))
+        }
+    };
     match dp {
         "switchyard-tap"
         | "switchyard-veth"
@@ -135,16 +144,8 @@ pub fn available(dp: &str, switchyard: &Path) -> Result<(), String> {
             need("dockerd")
                 .and(need("docker"))
                 .and(need("tar"))
-                .and(if dp == "docker-bridge" {
-                    need("iptables")
-                } else {
-                    Ok(())
-                })
-                .and(if Path::new(BUSYBOX).is_file() {
-                    Ok(())
-                } else {
-                    Err(format!("{BUSYBOX} not installed (busybox-static)"))
-                })
+                .and(need_if(dp == "docker-bridge", "iptables"))
+                .and(need_file(BUSYBOX, "busybox-static"))
         }
         "pasta" => need("pasta"),
         "slirp4netns" => need("slirp4netns"),
@@ -152,7 +153,9 @@ pub fn available(dp: &str, switchyard: &Path) -> Result<(), String> {
             .and(need("ovsdb-server"))
             .and(need("ovs-vsctl"))
             .and(need("ovsdb-tool"))
-            .and(need("iptables-restore")),
+            .and(need("iptables-restore"))
+            .and(need_if(dp == "ovs-notso", "ethtool"))
+            .and(need_file(OVS_SCHEMA, "openvswitch-common")),
         other => Err(format!("unknown dataplane {other:?}")),
     }
 }
@@ -696,107 +699,112 @@ fn kernel_dp(t: &mut Topo, host: &Path) -> Result<(), String> {
 
 // ---- Open vSwitch, userspace (netdev) datapath ----
 
+/// The packaged schema of the Open vSwitch database.
+const OVS_SCHEMA: &str = "/usr/share/openvswitch/vswitch.ovsschema";
+
+/// Points every Open vSwitch program at the topology's dir, never the host's /var/run/openvswitch
+/// or /etc/openvswitch.
+fn ovs_env<'a>(c: &'a mut Command, dir: &Path) -> &'a mut Command {
+    c.env("OVS_RUNDIR", dir)
+        .env("OVS_LOGDIR", dir)
+        .env("OVS_DBDIR", dir)
+        .env("OVS_SYSCONFDIR", dir)
+        .env("OVS_PKGDATADIR", "/usr/share/openvswitch")
+}
+
+/// Starts the Open vSwitch daemon `prog` (ovsdb-server, ovs-vswitchd) in `host` with `args`, its
+/// pidfile, control socket and log in the topology's dir; returns its index in the children.
+fn ovs_daemon(t: &mut Topo, host: &Path, prog: &str, args: &[String]) -> Result<usize, String> {
+    let d = t.dir.clone();
+    let file = |ext: &str| d.join(format!("{prog}.{ext}")).display().to_string();
+    let mut c = Command::new(prog);
+    ovs_env(&mut c, &d)
+        .args(args)
+        .arg(format!("--pidfile={}", file("pid")))
+        .arg(format!("--unixctl={}", file("ctl")))
+        .arg(format!("--log-file={}", file("log")))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(t.log(&format!("{prog}.err"))?);
+    let child = spawn_in(host, &mut c)?;
+    t.children.push(child);
+    Ok(t.children.len() - 1)
+}
+
+/// `ovs` / `ovs-notso`: ovsdb-server and ovs-vswitchd of the topology's own (database, sockets,
+/// logs in its dir, in its host namespace), one bridge with the userspace datapath, the
+/// containers' veths as its ports, and its internal port (a tap with this datapath) as their
+/// gateway. As when OVS replaces Docker's bridge, the host routes and NATs between the internal
+/// port and the uplink with Docker's iptables rules (no br_netfilter: no Linux bridge here).
+/// `tso`: userspace TSO, OVS's `other_config:userspace-tso-enable`. Without it OVS reads the
+/// veths' AF_PACKET sockets without virtio-net headers, so the containers must not hand it
+/// partial checksums or TSO frames: their `eth0` gets `ethtool -K eth0 tx off`, as OVS's
+/// documentation tells for veths on a userspace bridge.
 fn ovs_dp(t: &mut Topo, host: &Path, tso: bool) -> Result<(), String> {
     let hn = Topo::name_of(host);
     let d = t.dir.clone();
     let db = d.join("conf.db");
-    let schema = ["/usr/share/openvswitch/vswitch.ovsschema"]
-        .iter()
-        .map(PathBuf::from)
-        .find(|p| p.is_file())
-        .ok_or("vswitch.ovsschema not found")?;
-    let env = |c: &mut Command| {
-        c.env("OVS_RUNDIR", &d)
-            .env("OVS_LOGDIR", &d)
-            .env("OVS_DBDIR", &d)
-            .env("OVS_SYSCONFDIR", &d)
-            .env("OVS_PKGDATADIR", "/usr/share/openvswitch");
-    };
-    let mut c = Command::new("ovsdb-tool");
-    c.arg("create").arg(&db).arg(&schema);
-    env(&mut c);
-    run_cmd(None, &mut c, Duration::from_secs(20))?;
+    run_cmd(
+        None,
+        ovs_env(&mut Command::new("ovsdb-tool"), &d)
+            .arg("create")
+            .arg(&db)
+            .arg(OVS_SCHEMA),
+        Duration::from_secs(20),
+    )?;
     let dbsock = d.join("db.sock");
-    let mut c = Command::new("ovsdb-server");
-    c.arg(&db)
-        .arg(format!("--remote=punix:{}", dbsock.display()))
-        .arg("--remote=db:Open_vSwitch,Open_vSwitch,manager_options")
-        .arg(format!(
-            "--pidfile={}",
-            d.join("ovsdb-server.pid").display()
-        ))
-        .arg(format!(
-            "--unixctl={}",
-            d.join("ovsdb-server.ctl").display()
-        ))
-        .arg(format!(
-            "--log-file={}",
-            d.join("ovsdb-server.log").display()
-        ))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(t.log("ovsdb-server.err")?);
-    env(&mut c);
-    let child = spawn_in(host, &mut c)?;
-    t.children.push(child);
+    let server = ovs_daemon(
+        t,
+        host,
+        "ovsdb-server",
+        &[
+            db.display().to_string(),
+            format!("--remote=punix:{}", dbsock.display()),
+        ],
+    )?;
     let deadline = Instant::now() + Duration::from_secs(20);
     while UnixStream::connect(&dbsock).is_err() {
-        t.alive(0, "ovsdb-server.err")
+        t.alive(server, "ovsdb-server.err")
             .map_err(|e| format!("ovsdb-server {e}"))?;
-        if Instant::now() > deadline {
-            return Err("ovsdb-server did not start".into());
+        if Instant::now() > deadline || sys::stopping() {
+            return Err("ovsdb-server did not open its socket in 20 s".into());
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    let vsctl = |args: &[&str]| -> Result<(), String> {
+    // Before ovs-vswitchd runs, --no-wait; after, each command waits until it has applied the
+    // change (so br0 exists once add-br returns).
+    let vsctl = |wait: bool, args: &[&str]| -> Result<(), String> {
         let mut c = Command::new("ovs-vsctl");
-        c.arg(format!("--db=unix:{}", dbsock.display()))
-            .arg("--no-wait")
+        ovs_env(&mut c, &d)
+            .arg(format!("--db=unix:{}", dbsock.display()))
+            .arg("--timeout=20")
+            .args(if wait { &[][..] } else { &["--no-wait"][..] })
             .args(args);
-        env(&mut c);
-        run_cmd(Some(host), &mut c, Duration::from_secs(20)).map(|_| ())
+        run_cmd(Some(host), &mut c, Duration::from_secs(25)).map(|_| ())
     };
-    vsctl(&["init"])?;
-    vsctl(&[
-        "set",
-        "Open_vSwitch",
-        ".",
-        &format!("other_config:userspace-tso-enable={tso}"),
-    ])?;
-    let mut c = Command::new("ovs-vswitchd");
-    c.arg(format!("unix:{}", dbsock.display()))
-        .arg(format!(
-            "--pidfile={}",
-            d.join("ovs-vswitchd.pid").display()
-        ))
-        .arg(format!(
-            "--unixctl={}",
-            d.join("ovs-vswitchd.ctl").display()
-        ))
-        .arg(format!(
-            "--log-file={}",
-            d.join("ovs-vswitchd.log").display()
-        ))
-        .arg("--verbose=err")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(t.log("ovs-vswitchd.err")?);
-    env(&mut c);
-    let child = spawn_in(host, &mut c)?;
-    t.cpu_pid = Some(child.id());
-    t.children.push(child);
-    std::thread::sleep(Duration::from_millis(300));
-    t.alive(1, "ovs-vswitchd.err")
-        .map_err(|e| format!("ovs-vswitchd {e}"))?;
-    vsctl(&[
-        "add-br",
-        "br0",
-        "--",
-        "set",
-        "bridge",
-        "br0",
-        "datapath_type=netdev",
-    ])?;
+    vsctl(false, &["init"])?;
+    let tso_opt = format!("other_config:userspace-tso-enable={tso}");
+    vsctl(false, &["set", "Open_vSwitch", ".", &tso_opt])?;
+    let vswitchd = ovs_daemon(
+        t,
+        host,
+        "ovs-vswitchd",
+        &[format!("unix:{}", dbsock.display()), "--verbose=err".into()],
+    )?;
+    t.cpu_pid = Some(t.children[vswitchd].id());
+    vsctl(
+        true,
+        &[
+            "add-br",
+            "br0",
+            "--",
+            "set",
+            "bridge",
+            "br0",
+            "datapath_type=netdev",
+        ],
+    )
+    .map_err(|e| format!("{e}: {}", t.read_log("ovs-vswitchd.log")))?;
     let c2 = t.c2.clone().expect("c2");
     for (i, (ns, addr)) in [(t.c1.clone(), C1_IP), (c2, C2_IP)].iter().enumerate() {
         let hv = format!("veth{i}");
@@ -804,27 +812,22 @@ fn ovs_dp(t: &mut Topo, host: &Path, tso: bool) -> Result<(), String> {
         ip(&[
             "-n", &hn, "link", "add", &hv, "type", "veth", "peer", "name", "eth0", "netns", &cn,
         ])?;
-        ip(&["-n", &hn, "link", "set", &hv, "up"])?;
-        vsctl(&["add-port", "br0", &hv])?;
+        // OVS reads the port through AF_PACKET, and the host's kernel still sees every frame
+        // on it: with ARP on it would answer the containers' ARP for the gateway with this
+        // veth's MAC, and their traffic would reach the host's stack through veth0 (where
+        // Docker's FORWARD rules, written for br0, drop it) instead of through OVS.
+        ip(&["-n", &hn, "link", "set", &hv, "arp", "off", "up"])?;
+        vsctl(true, &["add-port", "br0", &hv])?;
         container(ns, *addr)?;
-    }
-    // The bridge's internal port (a tap for the userspace datapath) is the containers' gateway;
-    // the host namespace routes and NATs between it and the uplink with Docker's rules.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        if ip(&["-n", &hn, "link", "set", "br0", "up"]).is_ok() {
-            break;
+        if !tso {
+            run_cmd(
+                Some(ns),
+                Command::new("ethtool").args(["-K", "eth0", "tx", "off"]),
+                Duration::from_secs(10),
+            )?;
         }
-        t.alive(1, "ovs-vswitchd.err")
-            .map_err(|e| format!("ovs-vswitchd {e}"))?;
-        if Instant::now() > deadline {
-            return Err(format!(
-                "ovs internal port br0 did not appear: {}",
-                t.read_log("ovs-vswitchd.log")
-            ));
-        }
-        std::thread::sleep(Duration::from_millis(50));
     }
+    ip(&["-n", &hn, "link", "set", "br0", "up"])?;
     ip(&[
         "-n",
         &hn,
@@ -835,9 +838,11 @@ fn ovs_dp(t: &mut Topo, host: &Path, tso: bool) -> Result<(), String> {
         "br0",
     ])?;
     host_nat(t, host, "br0", false)?;
+    t.alive(vswitchd, "ovs-vswitchd.err")
+        .map_err(|e| format!("ovs-vswitchd {e}"))?;
     t.notes.push(format!(
-        "OVS userspace datapath (netdev, userspace TSO {}), internal port as gateway, iptables NAT",
-        if tso { "on" } else { "off" }
+        "OVS userspace datapath (netdev, veth ports, userspace TSO {}), internal port as gateway, host iptables NAT as Docker",
+        if tso { "on" } else { "off, containers' tx offloads off" }
     ));
     Ok(())
 }
