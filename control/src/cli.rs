@@ -162,6 +162,16 @@ pub struct DaemonArgs {
         default_value_t = 50
     )]
     pub busy_poll: u64,
+    /// Dataplane worker threads. Each container's port is read by one of them (its flows stay
+    /// in order); the switch and the NAT are shared. 1: a single dataplane thread.
+    #[arg(
+        long,
+        value_name = "N",
+        env = "SWITCHYARD_THREADS",
+        default_value_t = 1,
+        value_parser = clap::value_parser!(u16).range(1..=64)
+    )]
+    pub threads: u16,
 }
 
 #[derive(Subcommand, Debug)]

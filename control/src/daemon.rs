@@ -69,6 +69,8 @@ pub struct DaemonConfig {
     pub bridge_dns: bool,
     /// How long the dataplane polls without sleeping after moving frames (zero: off).
     pub busy_poll: StdDuration,
+    /// Dataplane worker threads (`--threads`).
+    pub threads: usize,
 }
 
 /// Apply `NAME=SECS` overrides to the conntrack timeouts.
@@ -1106,14 +1108,20 @@ impl Daemon {
             }
             v
         })?;
-        let (counters, up, nat, sock) = self.dp(|dp| {
+        let (counters, up, nat, sock, workers) = self.dp(|dp| {
             let sw = &dp.pipeline.switch;
             let c: Vec<_> = sw
                 .ports()
                 .filter_map(|p| sw.counters(p).map(|c| (p, c.clone())))
                 .collect();
             let nat = serde_json::to_value(dp.pipeline.router.counters()).unwrap_or(Value::Null);
-            (c, dp.uplink_counters, nat, dp.socket_counters())
+            (
+                c,
+                dp.uplink_counters(),
+                nat,
+                dp.socket_counters(),
+                dp.workers(),
+            )
         })?;
         let mut ports = Vec::new();
         for net in st.networks.values() {
@@ -1160,6 +1168,7 @@ impl Daemon {
             uplink,
             nat,
             dns,
+            dataplane: json!({"threads": workers.len(), "workers": workers}),
         })
     }
 
@@ -1795,7 +1804,7 @@ pub fn run(cfg: DaemonConfig) -> Result<()> {
     pipeline.dns_up_tcp =
         crate::dns::UpstreamTcp::new(dcfg.tcp_timeout, rcfg.seed.rotate_left(29) ^ 0x7c9a);
     pipeline.dns = crate::dns::DnsServer::new(dcfg);
-    let dp = Dataplane::spawn(pipeline, uplink_sock, cfg.busy_poll)
+    let dp = Dataplane::spawn(pipeline, uplink_sock, cfg.busy_poll, cfg.threads)
         .map_err(|e| Error::system(format!("starting the dataplane: {e}")))?;
     if cfg.uplink.is_none() {
         // The default uplink: container flows leave through ordinary host sockets.

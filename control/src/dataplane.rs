@@ -1,21 +1,21 @@
-//! The dataplane thread: a mio loop over the port fds that feeds the [`Pipeline`].
+//! The dataplane: worker threads running mio loops over the port fds that feed the
+//! [`Pipeline`] (see `worker.rs` for how work is split between them).
 //!
-//! Configuration arrives as closures over a crossbeam channel plus a `mio::Waker`, so the
-//! control thread never shares the switch or the router behind a lock: the hot path takes no
-//! lock per packet. Each readable fd is drained in batches of [`BATCH`] frames, round-robin, so
-//! one busy port cannot starve the others (boringtun's MAX_ITR). After a round that moved frames
-//! the loop polls without sleeping for a bounded window ([`BusyPoll`], `--busy-poll`).
+//! Configuration arrives as closures over a crossbeam channel plus a `mio::Waker`, run by
+//! worker 0 holding the state lock. Each readable fd is drained in batches, round-robin, so one
+//! busy port cannot starve the others (boringtun's MAX_ITR). After a round that moved frames a
+//! worker polls without sleeping for a bounded window ([`BusyPoll`], `--busy-poll`).
 
-use std::collections::HashSet;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration as StdDuration;
 
 use crossbeam_channel::{Receiver, Sender};
 use mio::unix::SourceFd;
-use mio::{Events, Interest, Poll, Registry, Token, Waker};
+use mio::{Interest, Poll, Registry, Token, Waker};
 use switchyard_nat::RxMeta;
 use switchyard_switch::backend::packet::PacketSocket;
 use switchyard_switch::backend::tap::Tap;
@@ -24,18 +24,19 @@ use switchyard_switch::{DropReason, Instant, PortId};
 
 use crate::error::{Error, Result};
 use crate::pipeline::{Out, Pipeline, Verdict};
-use crate::uplink::{SocketCounters, SocketUplink, SocketUplinkConfig, TOKEN_BASE};
+use crate::uplink::{SocketCounters, SocketUplink, SocketUplinkConfig};
 
 mod busy_poll;
 mod dns_io;
+pub(crate) mod held;
+mod worker;
 
 use busy_poll::BusyPoll;
+use held::Held;
 
 const WAKER: Token = Token(0);
 const UPLINK: Token = Token(1);
 const PORT_BASE: usize = 2;
-/// Frames read from one fd before the loop moves on to the next ready fd.
-const BATCH: usize = 64;
 /// Largest frame we read: a 65520-byte MTU plus Ethernet header and VLAN tag.
 const MAX_FRAME: usize = 65_536 + 18 + 4;
 /// How often MAC aging and conntrack expiry run when nothing else wakes the loop.
@@ -219,42 +220,204 @@ impl Captures {
     }
 }
 
-/// Everything the dataplane thread owns. Jobs from the control thread get `&mut` to it.
+/// Uplink counters, atomics because any worker may write to the uplink.
+#[derive(Default)]
+struct UplinkAtomics {
+    rx_packets: AtomicU64,
+    rx_bytes: AtomicU64,
+    tx_packets: AtomicU64,
+    tx_bytes: AtomicU64,
+    tx_failed: AtomicU64,
+    gso_dropped: AtomicU64,
+}
+
+impl UplinkAtomics {
+    fn add(c: &AtomicU64, n: u64) {
+        c.fetch_add(n, Ordering::Relaxed);
+    }
+
+    fn tx(&self, ok: bool, len: usize, hdr: Option<&VnetHdr>) {
+        if ok {
+            let (pk, by) = gso::wire_size(len, hdr);
+            Self::add(&self.tx_packets, pk);
+            Self::add(&self.tx_bytes, by);
+        } else {
+            Self::add(&self.tx_failed, 1);
+        }
+    }
+
+    fn snapshot(&self) -> UplinkCounters {
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        UplinkCounters {
+            rx_packets: g(&self.rx_packets),
+            rx_bytes: g(&self.rx_bytes),
+            tx_packets: g(&self.tx_packets),
+            tx_bytes: g(&self.tx_bytes),
+            tx_failed: g(&self.tx_failed),
+            gso_dropped: g(&self.gso_dropped),
+        }
+    }
+}
+
+/// One worker as the others see it.
+struct WorkerHandle {
+    registry: Registry,
+    waker: Waker,
+    /// Frames this worker read (ports and the raw uplink).
+    frames: AtomicU64,
+}
+
+/// What the workers share outside the state lock.
+struct Shared {
+    workers: Vec<WorkerHandle>,
+    /// Bumped, under the state lock, whenever the port table changes: workers then copy it
+    /// again (`worker::Worker::refresh`).
+    gen: AtomicU64,
+    uplink: UplinkAtomics,
+    stop: AtomicBool,
+}
+
+impl Shared {
+    fn wake_all(&self) {
+        for w in &self.workers {
+            let _ = w.waker.wake();
+        }
+    }
+}
+
+/// One worker's figures, for `stats`.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct WorkerStats {
+    /// Frames it read from its ports (and, worker 0, the raw uplink).
+    pub frames: u64,
+    /// Endpoint ports it reads.
+    pub ports: usize,
+}
+
+/// Everything the workers share behind the state lock. Jobs from the control thread get `&mut`
+/// to it.
 pub struct DpState {
     pub pipeline: Pipeline,
-    ports: Vec<Option<PortIo>>,
-    uplink: Option<PacketSocket>,
-    pub uplink_counters: UplinkCounters,
+    /// The endpoint ports' fds. Workers keep a copy of this table (the `Arc`s), so a port's fd
+    /// is read and written without the lock.
+    ports: Vec<Option<Arc<PortIo>>>,
+    /// The worker that reads each port.
+    owner: Vec<usize>,
+    uplink: Option<Arc<PacketSocket>>,
     captures: Captures,
     /// The socket uplink (host mode), when the daemon runs one.
     host: Option<SocketUplink>,
     /// The embedded DNS server's host socket and timers (see `dns_io.rs`).
     dns_io: dns_io::DnsIo,
     tx_scratch: Vec<u8>,
+    /// Worker 0's registry: the socket uplink and the DNS sockets are polled there.
     registry: Registry,
     start: std::time::Instant,
+    shared: Arc<Shared>,
+}
+
+/// Writes out of the dataplane, now: to a port by its table, or to the raw uplink.
+struct Wire<'a> {
+    ports: &'a [Option<Arc<PortIo>>],
+    uplink: Option<&'a PacketSocket>,
+    /// None when the caller knows no capture is on.
+    captures: Option<&'a Captures>,
+    scratch: &'a mut Vec<u8>,
+    counters: &'a UplinkAtomics,
+}
+
+impl Wire<'_> {
+    fn send(&mut self, out: Out, frame: &[u8], hdr: Option<&VnetHdr>) -> bool {
+        match out {
+            Out::Port(p) => {
+                let Some(io) = self.ports.get(p.0 as usize).and_then(Option::as_ref) else {
+                    return false;
+                };
+                let ok = io.write(frame, hdr, self.scratch).is_ok();
+                if let (Some(c), true) = (self.captures, ok) {
+                    c.copy(p, Direction::ToContainer, frame);
+                }
+                ok
+            }
+            Out::Uplink => {
+                let Some(u) = self.uplink else { return false };
+                let r = match hdr {
+                    Some(h) if u.is_vnet() => u.write_with_hdr(&h.emit(), frame),
+                    _ => write_finished(frame, hdr, self.scratch, |f| u.write(f)),
+                };
+                self.counters.tx(r.is_ok(), frame.len(), hdr);
+                r.is_ok()
+            }
+        }
+    }
+}
+
+/// A port taken out of the dataplane. Workers may hold its fd a moment longer (their copy of
+/// the port table, dropped when they next look at it); dropping this waits, bounded, until
+/// they have let go, so the fd is closed once the drop returns: the daemon relies on that
+/// (closing a tap removes the device and lets its namespace go).
+pub struct Detached(Option<Arc<PortIo>>);
+
+impl Detached {
+    fn settle(&mut self) -> Option<Arc<PortIo>> {
+        let a = self.0.take()?;
+        if !worker::on_worker() {
+            let deadline = std::time::Instant::now() + StdDuration::from_secs(2);
+            while Arc::strong_count(&a) > 1 && std::time::Instant::now() < deadline {
+                std::thread::sleep(StdDuration::from_micros(200));
+            }
+        }
+        Some(a)
+    }
+}
+
+impl Drop for Detached {
+    fn drop(&mut self) {
+        drop(self.settle());
+    }
 }
 
 impl DpState {
-    /// The dataplane clock: monotonic, from the thread's start.
+    /// The dataplane clock: monotonic, from the dataplane's start.
     pub fn now(&self) -> Instant {
         Instant::from_micros(self.start.elapsed().as_micros() as i64)
     }
 
-    /// Start polling `io` as port `id` (the switch port must exist already).
+    fn table_changed(&self) {
+        self.shared.gen.fetch_add(1, Ordering::Release);
+    }
+
+    /// Start polling `io` as port `id` (the switch port must exist already) on the worker with
+    /// the fewest ports (worker 0 counts one more: it also runs the uplink and the jobs).
     pub fn attach(&mut self, id: PortId, io: PortIo) -> io::Result<()> {
+        let mut load = vec![0usize; self.shared.workers.len()];
+        load[0] = 1;
+        for (p, w) in self.ports.iter().zip(&self.owner) {
+            if p.is_some() {
+                load[*w] += 1;
+            }
+        }
+        let k = (0..load.len()).min_by_key(|w| load[*w]).unwrap_or(0);
         let fd = io.raw_fd();
-        self.registry.register(
-            &mut SourceFd(&fd),
-            Token(PORT_BASE + id.0 as usize),
-            Interest::READABLE,
-        )?;
         let i = id.0 as usize;
         if self.ports.len() <= i {
             self.ports.resize_with(i + 1, || None);
+            self.owner.resize(i + 1, 0);
         }
-        self.ports[i] = Some(io);
-        Ok(())
+        // In the table before the fd can signal: a worker woken by it finds the port.
+        self.ports[i] = Some(Arc::new(io));
+        self.owner[i] = k;
+        self.table_changed();
+        let r = self.shared.workers[k].registry.register(
+            &mut SourceFd(&fd),
+            Token(PORT_BASE + i),
+            Interest::READABLE,
+        );
+        if r.is_err() {
+            self.ports[i] = None;
+            self.table_changed();
+        }
+        r
     }
 
     /// Start copying port `id`'s traffic; the receiver ends when the port goes.
@@ -276,18 +439,25 @@ impl DpState {
     }
 
     /// Stop polling port `id` and hand its fd back (dropping it closes a tap).
-    pub fn detach(&mut self, id: PortId) -> Option<PortIo> {
+    pub fn detach(&mut self, id: PortId) -> Option<Detached> {
         self.captures.list.retain(|(_, p, _)| *p != id);
-        let io = self.ports.get_mut(id.0 as usize)?.take()?;
+        let i = id.0 as usize;
+        let io = self.ports.get_mut(i)?.take()?;
         let fd = io.raw_fd();
-        if let Err(e) = self.registry.deregister(&mut SourceFd(&fd)) {
+        if let Err(e) = self.shared.workers[self.owner[i]]
+            .registry
+            .deregister(&mut SourceFd(&fd))
+        {
             tracing::warn!(port = id.0, "deregister: {e}");
         }
-        Some(io)
+        self.table_changed();
+        // Workers drop their copy of the fd when they next wake.
+        self.shared.wake_all();
+        Some(Detached(Some(io)))
     }
 
     /// Every attached port's fd, for shutdown.
-    pub fn detach_all(&mut self) -> Vec<(PortId, PortIo)> {
+    pub fn detach_all(&mut self) -> Vec<(PortId, Detached)> {
         let ids: Vec<PortId> = (0..self.ports.len())
             .filter(|i| self.ports[*i].is_some())
             .map(|i| PortId(i as u32))
@@ -297,140 +467,120 @@ impl DpState {
             .collect()
     }
 
-    /// Read up to BATCH frames from `token`'s fd; true when it is drained (would block, or gone).
-    fn service(&mut self, token: Token, buf: &mut [u8]) -> bool {
+    /// The raw uplink's counters.
+    pub fn uplink_counters(&self) -> UplinkCounters {
+        self.shared.uplink.snapshot()
+    }
+
+    /// Per-worker frame and port counts.
+    pub fn workers(&self) -> Vec<WorkerStats> {
+        self.shared
+            .workers
+            .iter()
+            .enumerate()
+            .map(|(k, w)| WorkerStats {
+                frames: w.frames.load(Ordering::Relaxed),
+                ports: self
+                    .ports
+                    .iter()
+                    .zip(&self.owner)
+                    .filter(|(p, o)| p.is_some() && **o == k)
+                    .count(),
+            })
+            .collect()
+    }
+
+    /// One frame a worker read from port `from` (`None`: the raw uplink), through the
+    /// pipeline. With `hold`, outputs may be left in `held` for the worker to write once it
+    /// has released the lock (see `held.rs`); anything else is written now. With `track`,
+    /// says whether it left work for worker 0's timers (socket uplink, DNS).
+    #[allow(clippy::too_many_arguments)]
+    fn process(
+        &mut self,
+        from: Option<PortId>,
+        frame: &mut [u8],
+        meta: RxMeta,
+        gso: Option<VnetHdr>,
+        held: &mut Held,
+        hold: bool,
+        track: bool,
+    ) -> bool {
         let now = self.now();
         let wall = std::time::Instant::now();
+        let dns_due = if track {
+            self.pipeline.dns_poll_at()
+        } else {
+            None
+        };
         let DpState {
             pipeline,
             ports,
             uplink,
-            uplink_counters: up,
             captures,
             host,
             tx_scratch,
+            shared,
             ..
         } = self;
         let captures = &*captures;
-        // Captures are copied outside the tx closure's borrow: note them, copy after.
         let capturing = !captures.list.is_empty();
-        let (ports, uplink) = (&*ports, uplink.as_ref());
-        let (mut tx_pk, mut tx_by, mut tx_fail, mut rx_pk, mut rx_by) =
-            (0u64, 0u64, 0u64, 0u64, 0u64);
-        let mut tx = |out: Out, frame: &[u8], hdr: Option<&VnetHdr>| -> bool {
-            let r = match out {
-                Out::Port(p) => match ports.get(p.0 as usize).and_then(Option::as_ref) {
-                    Some(io) => {
-                        let r = io.write(frame, hdr, tx_scratch);
-                        if capturing && r.is_ok() {
-                            captures.copy(p, Direction::ToContainer, frame);
-                        }
-                        r
-                    }
-                    None => return false,
-                },
-                Out::Uplink => {
-                    let Some(u) = uplink else { return false };
-                    let r = match hdr {
-                        Some(h) if u.is_vnet() => u.write_with_hdr(&h.emit(), frame),
-                        _ => write_finished(frame, hdr, tx_scratch, |f| u.write(f)),
-                    };
-                    if r.is_ok() {
-                        let (pk, by) = gso::wire_size(frame.len(), hdr);
-                        tx_pk += pk;
-                        tx_by += by;
-                    } else {
-                        tx_fail += 1;
-                    }
-                    r
-                }
-            };
-            r.is_ok()
+        // A capture copies what is written under the lock: nothing is held then.
+        let hold = hold && !capturing;
+        held.begin(frame);
+        let mut wire = Wire {
+            ports,
+            uplink: uplink.as_deref(),
+            captures: capturing.then_some(captures),
+            scratch: tx_scratch,
+            counters: &shared.uplink,
         };
-        let mut budget = BATCH;
-        let drained = loop {
-            if budget == 0 {
-                break false;
-            }
-            budget -= 1;
-            let (r, port) = if token == UPLINK {
-                match uplink {
-                    Some(u) => (read_packet_vnet(u, buf).map(|(n, m, g)| (0, n, m, g)), None),
-                    None => break true,
+        let mut tx = |o: Out, f: &[u8], h: Option<&VnetHdr>| -> bool {
+            (hold && held.hold(o, f, h)) || wire.send(o, f, h)
+        };
+        let mut side = false;
+        match from {
+            Some(id) => {
+                if capturing {
+                    captures.copy(id, Direction::FromContainer, frame);
                 }
-            } else {
-                let id = PortId((token.0 - PORT_BASE) as u32);
-                match ports.get(id.0 as usize).and_then(Option::as_ref) {
-                    Some(io) => (io.read(buf), Some(id)),
-                    None => break true,
-                }
-            };
-            match r {
-                Ok((start, n, meta, gso)) => {
-                    let frame = &mut buf[start..n];
-                    match port {
-                        Some(id) => {
-                            if capturing {
-                                captures.copy(id, Direction::FromContainer, frame);
-                            }
-                            match &gso {
-                                Some(h) => {
-                                    pipeline.from_port_offloaded(id, frame, h, now, &mut tx);
-                                }
-                                None => {
-                                    pipeline.from_port(id, frame, meta, now, &mut |o, f| {
-                                        tx(o, f, None)
-                                    });
-                                }
-                            }
-                            if let Some(h) = host.as_mut() {
-                                for p in pipeline.host_packets() {
-                                    h.from_container(p, &pipeline.router, wall);
-                                }
-                            }
-                        }
-                        None => {
-                            let (pk, by) = gso::wire_size(n, gso.as_ref());
-                            rx_pk += pk;
-                            rx_by += by;
-                            match gso {
-                                // A TSO/GRO frame from the uplink: translated whole where the
-                                // flow allows, cut otherwise (see from_uplink_offloaded).
-                                Some(h) => {
-                                    let v = pipeline.from_uplink_offloaded(frame, &h, now, &mut tx);
-                                    if matches!(
-                                        v,
-                                        Verdict::Dropped(
-                                            DropReason::Unsupported | DropReason::Malformed
-                                        )
-                                    ) {
-                                        up.gso_dropped += 1;
-                                    }
-                                }
-                                None => {
-                                    pipeline
-                                        .from_uplink(frame, meta, now, &mut |o, f| tx(o, f, None));
-                                }
-                            }
-                        }
+                match &gso {
+                    Some(h) => {
+                        pipeline.from_port_offloaded(id, frame, h, now, &mut tx);
+                    }
+                    None => {
+                        pipeline.from_port(id, frame, meta, now, &mut |o, f| tx(o, f, None));
                     }
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break true,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    // A vanished interface (veth deleted, netns gone) reads as an error until the
-                    // control thread detaches it; it must not spin the loop meanwhile.
-                    tracing::debug!(token = token.0, "read: {e}");
-                    break true;
+                if let Some(h) = host.as_mut() {
+                    for p in pipeline.host_packets() {
+                        h.from_container(p, &pipeline.router, wall);
+                        side = true;
+                    }
                 }
             }
-        };
-        up.tx_packets += tx_pk;
-        up.tx_bytes += tx_by;
-        up.tx_failed += tx_fail;
-        up.rx_packets += rx_pk;
-        up.rx_bytes += rx_by;
-        drained
+            None => {
+                let (pk, by) = gso::wire_size(frame.len(), gso.as_ref());
+                UplinkAtomics::add(&shared.uplink.rx_packets, pk);
+                UplinkAtomics::add(&shared.uplink.rx_bytes, by);
+                match gso {
+                    // A TSO/GRO frame from the uplink: translated whole where the flow
+                    // allows, cut otherwise (see from_uplink_offloaded).
+                    Some(h) => {
+                        let v = pipeline.from_uplink_offloaded(frame, &h, now, &mut tx);
+                        if matches!(
+                            v,
+                            Verdict::Dropped(DropReason::Unsupported | DropReason::Malformed)
+                        ) {
+                            UplinkAtomics::add(&shared.uplink.gso_dropped, 1);
+                        }
+                    }
+                    None => {
+                        pipeline.from_uplink(frame, meta, now, &mut |o, f| tx(o, f, None));
+                    }
+                }
+            }
+        }
+        track && (side || pipeline.dns_host_pending() || pipeline.dns_poll_at() != dns_due)
     }
 
     fn housekeeping(&mut self) {
@@ -439,6 +589,15 @@ impl DpState {
         self.pipeline.router.expire(now);
         if let Some(h) = &mut self.host {
             h.expire(std::time::Instant::now());
+        }
+    }
+
+    /// When worker 0 must run next for the socket uplink's and the DNS server's timers.
+    fn timers_due(&self) -> Option<std::time::Instant> {
+        let host = self.host.as_ref().and_then(SocketUplink::poll_at);
+        match (host, self.dns_due()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
         }
     }
 
@@ -485,6 +644,7 @@ impl DpState {
             captures,
             host,
             tx_scratch,
+            shared,
             ..
         } = self;
         let Some(h) = host.as_mut() else { return };
@@ -494,19 +654,14 @@ impl DpState {
             h.give_back(out);
             return;
         }
-        let (ports, captures) = (&*ports, &*captures);
-        let capturing = !captures.list.is_empty();
-        let mut tx = |o: Out, frame: &[u8], hdr: Option<&VnetHdr>| -> bool {
-            let Out::Port(p) = o else { return false };
-            let Some(io) = ports.get(p.0 as usize).and_then(Option::as_ref) else {
-                return false;
-            };
-            let ok = io.write(frame, hdr, tx_scratch).is_ok();
-            if capturing && ok {
-                captures.copy(p, Direction::ToContainer, frame);
-            }
-            ok
+        let mut wire = Wire {
+            ports,
+            uplink: None,
+            captures: Some(captures),
+            scratch: tx_scratch,
+            counters: &shared.uplink,
         };
+        let mut tx = |o: Out, frame: &[u8], hdr: Option<&VnetHdr>| wire.send(o, frame, hdr);
         let mut gso = out.gso.iter().peekable();
         for (i, p) in out.packets.iter().enumerate() {
             let g = gso.next_if(|(j, _)| *j == i).map(|&(_, g)| g);
@@ -516,119 +671,94 @@ impl DpState {
     }
 }
 
-fn run(mut poll: Poll, jobs: Receiver<Job>, mut st: DpState, mut busy: BusyPoll) {
-    let mut events = Events::with_capacity(256);
-    let mut buf = vec![0u8; MAX_FRAME];
-    let mut ready: Vec<Token> = Vec::new();
-    let mut is_ready: HashSet<Token> = HashSet::new();
-    let mut next_housekeeping = std::time::Instant::now() + HOUSEKEEPING;
-    loop {
-        let timeout = if ready.is_empty() {
-            let mut due = next_housekeeping;
-            if let Some(t) = st.host.as_ref().and_then(SocketUplink::poll_at) {
-                due = due.min(t);
-            }
-            if let Some(t) = st.dns_due() {
-                due = due.min(t);
-            }
-            let now = std::time::Instant::now();
-            busy.timeout(due.saturating_duration_since(now), now)
-        } else {
-            StdDuration::ZERO
-        };
-        if let Err(e) = poll.poll(&mut events, Some(timeout)) {
-            if e.kind() != io::ErrorKind::Interrupted {
-                tracing::error!("dataplane poll: {e}");
-                return;
-            }
-        }
-        busy.round(!events.is_empty(), std::time::Instant::now());
-        let (mut dns_readable, mut dns_tcp) = (false, false);
-        for ev in events.iter() {
-            let t = ev.token();
-            if t == dns_io::DNS_TOKEN {
-                dns_readable = true;
-            } else if dns_io::is_tcp_token(t) {
-                dns_tcp = true;
-            } else if t.0 >= TOKEN_BASE {
-                st.host_event(t, ev.is_read_closed() || ev.is_error());
-            } else if t != WAKER && is_ready.insert(t) {
-                ready.push(t);
-            }
-        }
-        loop {
-            match jobs.try_recv() {
-                Ok(job) => job(&mut st),
-                Err(crossbeam_channel::TryRecvError::Empty) => break,
-                Err(crossbeam_channel::TryRecvError::Disconnected) => return,
-            }
-        }
-        // One batch per ready fd, round-robin; fds still holding frames stay in the list.
-        let mut i = 0;
-        while i < ready.len() {
-            if st.service(ready[i], &mut buf) {
-                is_ready.remove(&ready[i]);
-                ready.swap_remove(i);
-            } else {
-                i += 1;
-            }
-        }
-        st.host_flush();
-        st.dns_round(dns_readable, dns_tcp);
-        if std::time::Instant::now() >= next_housekeeping {
-            st.housekeeping();
-            next_housekeeping = std::time::Instant::now() + HOUSEKEEPING;
-        }
-    }
-}
-
 type Job = Box<dyn FnOnce(&mut DpState) + Send>;
 
-/// Handle to the dataplane thread.
+/// Handle to the dataplane threads.
 pub struct Dataplane {
     jobs: Sender<Job>,
-    waker: Arc<Waker>,
-    thread: Option<JoinHandle<()>>,
+    shared: Arc<Shared>,
+    threads: Vec<JoinHandle<()>>,
 }
 
 impl Dataplane {
-    /// `busy_poll`: how long the loop keeps polling without sleeping after a round that moved
-    /// frames (zero: always block).
+    /// `busy_poll`: how long a worker keeps polling without sleeping after a round that moved
+    /// frames (zero: always block). `threads`: how many workers (at least one).
     pub fn spawn(
         pipeline: Pipeline,
         uplink: Option<PacketSocket>,
         busy_poll: StdDuration,
+        threads: usize,
     ) -> io::Result<Dataplane> {
-        let poll = Poll::new()?;
-        let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
-        let registry = poll.registry().try_clone()?;
-        if let Some(u) = &uplink {
-            registry.register(&mut SourceFd(&u.as_raw_fd()), UPLINK, Interest::READABLE)?;
+        let mut polls = Vec::new();
+        let mut handles = Vec::new();
+        for _ in 0..threads.max(1) {
+            let poll = Poll::new()?;
+            handles.push(WorkerHandle {
+                registry: poll.registry().try_clone()?,
+                waker: Waker::new(poll.registry(), WAKER)?,
+                frames: AtomicU64::new(0),
+            });
+            polls.push(poll);
         }
+        let uplink = uplink.map(Arc::new);
+        if let Some(u) = &uplink {
+            handles[0].registry.register(
+                &mut SourceFd(&u.as_raw_fd()),
+                UPLINK,
+                Interest::READABLE,
+            )?;
+        }
+        let shared = Arc::new(Shared {
+            workers: handles,
+            gen: AtomicU64::new(0),
+            uplink: UplinkAtomics::default(),
+            stop: AtomicBool::new(false),
+        });
         let (jobs, rx) = crossbeam_channel::bounded::<Job>(1024);
-        let state = DpState {
+        let state = Arc::new(Mutex::new(DpState {
             pipeline,
             ports: Vec::new(),
-            uplink,
-            uplink_counters: UplinkCounters::default(),
+            owner: Vec::new(),
+            uplink: uplink.clone(),
             captures: Captures::default(),
             host: None,
             dns_io: dns_io::DnsIo::default(),
             tx_scratch: Vec::with_capacity(MAX_FRAME),
-            registry,
+            registry: shared.workers[0].registry.try_clone()?,
             start: std::time::Instant::now(),
-        };
-        let thread = std::thread::Builder::new()
-            .name("dataplane".into())
-            .spawn(move || run(poll, rx, state, BusyPoll::new(busy_poll)))?;
+            shared: shared.clone(),
+        }));
+        let n = polls.len();
+        let mut threads = Vec::new();
+        for (k, poll) in polls.into_iter().enumerate() {
+            let w = worker::Worker::new(k, n, state.clone(), shared.clone(), uplink.clone());
+            let jobs = (k == 0).then(|| rx.clone());
+            let busy = BusyPoll::new(busy_poll);
+            let name = if k == 0 {
+                "dataplane".to_string()
+            } else {
+                format!("dataplane-{k}")
+            };
+            let t = std::thread::Builder::new()
+                .name(name)
+                .spawn(move || w.run(poll, jobs, busy));
+            match t {
+                Ok(t) => threads.push(t),
+                Err(e) => {
+                    shared.stop.store(true, Ordering::Release);
+                    shared.wake_all();
+                    return Err(e);
+                }
+            }
+        }
         Ok(Dataplane {
             jobs,
-            waker,
-            thread: Some(thread),
+            shared,
+            threads,
         })
     }
 
-    /// Run `f` on the dataplane thread and wait for its result.
+    /// Run `f` on the dataplane (worker 0, holding the state lock) and wait for its result.
     pub fn call<R: Send + 'static>(
         &self,
         f: impl FnOnce(&mut DpState) -> R + Send + 'static,
@@ -640,21 +770,22 @@ impl Dataplane {
         self.jobs
             .send_timeout(job, StdDuration::from_secs(5))
             .map_err(|_| Error::unavailable("dataplane is not taking requests"))?;
-        self.waker
+        self.shared.workers[0]
+            .waker
             .wake()
             .map_err(|e| Error::internal(format!("waking the dataplane: {e}")))?;
         rx.recv_timeout(StdDuration::from_secs(10))
             .map_err(|_| Error::unavailable("dataplane did not answer"))
     }
 
-    /// Stop the thread; returns the port fds it held.
-    pub fn shutdown(mut self) -> Vec<(PortId, PortIo)> {
+    /// Stop the threads; returns the port fds they held.
+    pub fn shutdown(mut self) -> Vec<(PortId, Detached)> {
         let ios = self.call(|st| st.detach_all()).unwrap_or_default();
         let (tx, _rx) = crossbeam_channel::bounded::<Job>(0);
-        let jobs = std::mem::replace(&mut self.jobs, tx);
-        drop(jobs);
-        let _ = self.waker.wake();
-        if let Some(t) = self.thread.take() {
+        drop(std::mem::replace(&mut self.jobs, tx));
+        self.shared.stop.store(true, Ordering::Release);
+        self.shared.wake_all();
+        for t in self.threads.drain(..) {
             let _ = t.join();
         }
         ios

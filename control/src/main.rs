@@ -66,6 +66,7 @@ fn real_main(cli: Cli) -> Result<i32> {
                 dns: a.dns,
                 bridge_dns: a.bridge_dns,
                 busy_poll: std::time::Duration::from_micros(a.busy_poll),
+                threads: usize::from(a.threads),
                 mac_aging: std::time::Duration::from_secs(a.mac_aging),
                 conntrack_max: a.conntrack_max,
                 group: match &a.group {

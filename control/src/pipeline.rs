@@ -224,6 +224,11 @@ impl Pipeline {
     /// A frame received on endpoint port `ingress`. `tx` writes a frame out and says whether it
     /// was taken; refusals are counted as `TxFailed` on the egress port. Packets for the host
     /// uplink (host mode) are kept for [`Self::host_packets`] until the next call.
+    ///
+    /// Invariant of every entry point (the dataplane's workers rely on it to write after
+    /// releasing the pipeline's lock): bytes of the input frame handed to `tx` are never
+    /// changed afterwards by the same call. An in-place rewrite (the NAT on a GSO frame) comes
+    /// before the frame's first output; a flooded frame is never rewritten.
     pub fn from_port(
         &mut self,
         ingress: PortId,
@@ -721,6 +726,11 @@ impl Pipeline {
         self.dns_tcp.expire(now);
         self.dns_up_tcp.expire(now);
         self.dns_flush(now, tx);
+    }
+
+    /// Are upstream queries or TCP exchanges waiting for host sockets?
+    pub fn dns_host_pending(&self) -> bool {
+        !self.dns_host.is_empty() || !self.dns_host_tcp.is_empty()
     }
 
     /// Upstream queries for a host socket: (upstream, DNS message).

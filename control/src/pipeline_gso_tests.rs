@@ -1,7 +1,8 @@
 //! TCP GSO super-frames through the whole in-memory pipeline (switch, router, switch): an
 //! established flow's frame reaches its egress whole, with its virtio-net header, on the three
 //! NAT paths; anything else is cut before the router, and no frame without a header is ever
-//! larger than the MTU.
+//! larger than the MTU. Every call also checks that the pipeline leaves alone the bytes of its
+//! input it has handed out (what lets the dataplane write them after releasing its lock).
 
 use std::net::Ipv4Addr;
 
@@ -13,7 +14,8 @@ use switchyard_nat::RxMeta;
 use switchyard_switch::gso::{pseudo_sum4, segment_tcp4, VnetHdr, GSO_TCPV4, VNET_F_NEEDS_CSUM};
 use switchyard_switch::{Instant, MacAddr, PortId};
 
-use crate::pipeline::{Out, Pipeline, Verdict};
+use crate::dataplane::held::Held;
+use crate::pipeline::{OffloadTx, Out, Pipeline, Verdict};
 use crate::topology::Topology;
 
 const TOPOLOGY: &str = r#"
@@ -137,38 +139,58 @@ fn check_sizes(sent: &Sent) {
     }
 }
 
-fn from_port(p: &mut Pipeline, port: PortId, f: &[u8], gso: bool) -> (Verdict, Sent) {
+/// Runs one entry point with a `tx` that records what left, and checks the invariant the
+/// dataplane's workers rely on to write after releasing the lock (`dataplane/held.rs`): the
+/// outputs held from the first one taken from the input frame on, read again from the input
+/// once the pipeline has returned, are what `tx` was handed.
+fn run_checked(
+    input: &mut [u8],
+    call: impl FnOnce(&mut [u8], &mut OffloadTx<'_>) -> Verdict,
+) -> (Verdict, Sent) {
     let mut sent = Sent::new();
+    let mut held = Held::default();
+    held.begin(input);
     let mut tx = |o: Out, f: &[u8], h: Option<&VnetHdr>| {
         sent.push((o, f.to_vec(), h.copied()));
+        held.hold(o, f, h);
         true
     };
-    let v = if gso {
-        p.from_port_offloaded(port, &mut f.to_vec(), &hdr(), Instant::ZERO, &mut tx)
-    } else {
-        p.from_port(port, f, RxMeta::default(), Instant::ZERO, &mut |o, f| {
-            tx(o, f, None)
-        })
-    };
+    let v = call(input, &mut tx);
+    let later: Sent = held
+        .iter(input)
+        .map(|(o, f, h)| (o, f.to_vec(), h.copied()))
+        .collect();
+    assert_eq!(
+        later[..],
+        sent[sent.len() - later.len()..],
+        "the input frame changed after an output was taken from it"
+    );
     check_sizes(&sent);
     (v, sent)
 }
 
+fn from_port(p: &mut Pipeline, port: PortId, f: &[u8], gso: bool) -> (Verdict, Sent) {
+    run_checked(&mut f.to_vec(), |f, tx| {
+        if gso {
+            p.from_port_offloaded(port, f, &hdr(), Instant::ZERO, tx)
+        } else {
+            p.from_port(port, f, RxMeta::default(), Instant::ZERO, &mut |o, f| {
+                tx(o, f, None)
+            })
+        }
+    })
+}
+
 fn from_uplink(p: &mut Pipeline, f: &[u8], gso: bool) -> (Verdict, Sent) {
-    let mut sent = Sent::new();
-    let mut tx = |o: Out, f: &[u8], h: Option<&VnetHdr>| {
-        sent.push((o, f.to_vec(), h.copied()));
-        true
-    };
-    let v = if gso {
-        p.from_uplink_offloaded(&mut f.to_vec(), &hdr(), Instant::ZERO, &mut tx)
-    } else {
-        p.from_uplink(f, RxMeta::default(), Instant::ZERO, &mut |o, f| {
-            tx(o, f, None)
-        })
-    };
-    check_sizes(&sent);
-    (v, sent)
+    run_checked(&mut f.to_vec(), |f, tx| {
+        if gso {
+            p.from_uplink_offloaded(f, &hdr(), Instant::ZERO, tx)
+        } else {
+            p.from_uplink(f, RxMeta::default(), Instant::ZERO, &mut |o, f| {
+                tx(o, f, None)
+            })
+        }
+    })
 }
 
 fn sport(f: &[u8]) -> u16 {
@@ -304,4 +326,35 @@ fn other_super_frames_are_cut_before_the_router() {
     assert!(sent.is_empty());
     assert_eq!(p.router.counters().gso_translated, 0);
     assert_eq!(p.router.counters().translated_out, 1 + segs as u64);
+}
+
+#[test]
+fn flooded_super_frames_leave_unchanged_by_every_port() {
+    let data: Vec<u8> = (0..30_000u32).map(|i| (i % 7) as u8).collect();
+    let (mut p, c1, c2) = setup();
+    // To a MAC nobody has: flooded to c2 (whole) and to the gateway (which drops it: not its
+    // MAC), the input never rewritten.
+    let unknown = MacAddr([2, 0, 0, 0, 0x77, 0x99]);
+    let big = tcp(
+        (unknown, C1_MAC),
+        (C1, 4000),
+        (C2, 80),
+        TcpControl::Psh,
+        &data,
+        true,
+    );
+    let (v, sent) = from_port(&mut p, c1, &big, true);
+    assert_eq!(v, Verdict::Flooded);
+    assert_eq!(sent.len(), 1);
+    assert_eq!(sent[0].0, Out::Port(c2));
+    assert_eq!(sent[0].1, big);
+    // The same as a plain broadcast frame.
+    let mut bcast = big[..1514].to_vec();
+    bcast[0..6].copy_from_slice(&[0xff; 6]);
+    bcast[16..18].copy_from_slice(&1500u16.to_be_bytes());
+    let (_, sent) = from_port(&mut p, c1, &bcast, false);
+    assert_eq!(
+        sent.iter().map(|s| s.0).collect::<Vec<_>>(),
+        [Out::Port(c2)]
+    );
 }

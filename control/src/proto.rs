@@ -239,6 +239,9 @@ pub struct Stats {
     /// The embedded DNS server's counters (one per outcome), pending forwards, cached answers.
     #[serde(default)]
     pub dns: serde_json::Value,
+    /// The dataplane's worker threads: `{"threads":N,"workers":[{"frames":F,"ports":P}]}`.
+    #[serde(default)]
+    pub dataplane: serde_json::Value,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -299,20 +299,9 @@ fn tools() -> bool {
     ok
 }
 
-const UPLINK_ARGS: [&str; 8] = [
-    "--uplink",
-    "up0",
-    "--uplink-addr",
-    "192.0.2.10/24",
-    "--uplink-gateway",
-    "192.0.2.1",
-    "--dns",
-    "192.0.2.1",
-];
-
 /// A daemon with the raw uplink, and the test upstream at 192.0.2.1 in the outside namespace.
 fn behind_raw_uplink() -> (Env, Upstream) {
-    let mut env = Env::prepare(&UPLINK_ARGS);
+    let mut env = Env::prepare(&[&UPLINK_ARGS[..], &["--dns", "192.0.2.1"]].concat());
     let ext = env.outside();
     let upstream = Upstream::start(&ext.ns, Ipv4Addr::new(192, 0, 2, 1));
     env.start_daemon();

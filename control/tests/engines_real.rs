@@ -20,15 +20,6 @@ use serde_json::Value;
 const CNI: &str = env!("CARGO_BIN_EXE_switchyard-cni");
 const BUSYBOX: &str = "/bin/busybox";
 
-const UPLINK_ARGS: [&str; 6] = [
-    "--uplink",
-    "up0",
-    "--uplink-addr",
-    "192.0.2.10/24",
-    "--uplink-gateway",
-    "192.0.2.1",
-];
-
 /// Is `prog` on PATH (or an absolute path that exists)?
 fn have(prog: &str) -> bool {
     if prog.starts_with('/') {

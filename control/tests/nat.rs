@@ -15,15 +15,6 @@ use switchyard_control::probe;
 
 const EXT: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
 const UPLINK: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 10);
-const UPLINK_ARGS: [&str; 6] = [
-    "--uplink",
-    "up0",
-    "--uplink-addr",
-    "192.0.2.10/24",
-    "--uplink-gateway",
-    "192.0.2.1",
-];
-
 fn nat_env(extra: &[&str]) -> (Env, Container) {
     let mut args: Vec<&str> = UPLINK_ARGS.to_vec();
     args.extend_from_slice(extra);

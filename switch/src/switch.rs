@@ -309,6 +309,16 @@ impl Switch {
         }
     }
 
+    /// A write counted by [`Self::note_tx`] failed afterwards (the dataplane writes some frames
+    /// after the pipeline has returned): count it as a `TxFailed` drop instead.
+    pub fn revoke_tx(&mut self, port: PortId, bytes: usize) {
+        if let Some(p) = self.ports.get_mut(port.0 as usize).and_then(Option::as_mut) {
+            p.counters.tx_packets = p.counters.tx_packets.saturating_sub(1);
+            p.counters.tx_bytes = p.counters.tx_bytes.saturating_sub(bytes as u64);
+            p.counters.drop(DropReason::TxFailed);
+        }
+    }
+
     /// Record a drop on `port` decided outside the switch (tx failure, router verdicts).
     #[inline]
     pub fn note_drop(&mut self, port: PortId, reason: DropReason) {

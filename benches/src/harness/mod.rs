@@ -38,6 +38,7 @@ pub struct Args {
     /// Comma-separated dataplanes (default: switchyard-tap,switchyard-veth,switchyard-socket,
     /// kernel,ovs,pasta,slirp4netns where installed; on request only: switchyard-socket-1500,
     /// switchyard-tap-nobp and switchyard-socket-nobp (the daemon with --busy-poll 0),
+    /// switchyard-tap-1t, switchyard-veth-1t and switchyard-socket-1t (--threads 1),
     /// switchyard-docker and docker-bridge, which run a dockerd of their own, and ovs-notso
     /// (Open vSwitch with userspace TSO off).
     #[arg(long, value_delimiter = ',')]

@@ -52,6 +52,9 @@ pub const ALL: &[&str] = &[
     "switchyard-socket-1500",
     "switchyard-tap-nobp",
     "switchyard-socket-nobp",
+    "switchyard-tap-1t",
+    "switchyard-veth-1t",
+    "switchyard-socket-1t",
     "switchyard-docker",
     "kernel",
     "docker-bridge",
@@ -126,7 +129,10 @@ pub fn available(dp: &str, switchyard: &Path) -> Result<(), String> {
         | "switchyard-socket"
         | "switchyard-socket-1500"
         | "switchyard-tap-nobp"
-        | "switchyard-socket-nobp" => {
+        | "switchyard-socket-nobp"
+        | "switchyard-tap-1t"
+        | "switchyard-veth-1t"
+        | "switchyard-socket-1t" => {
             if switchyard.is_file() {
                 Ok(())
             } else {
@@ -220,7 +226,10 @@ pub fn build(dp: &str, switchyard: &Path) -> Result<Topo, String> {
         | "switchyard-socket"
         | "switchyard-socket-1500"
         | "switchyard-tap-nobp"
-        | "switchyard-socket-nobp" => switchyard_dp(&mut t, &host, switchyard, dp)?,
+        | "switchyard-socket-nobp"
+        | "switchyard-tap-1t"
+        | "switchyard-veth-1t"
+        | "switchyard-socket-1t" => switchyard_dp(&mut t, &host, switchyard, dp)?,
         "switchyard-docker" => docker_dp(&mut t, &host, Some(switchyard))?,
         "docker-bridge" => docker_dp(&mut t, &host, None)?,
         "kernel" => kernel_dp(&mut t, &host)?,
@@ -313,9 +322,11 @@ fn container(ns: &Path, addr: Ipv4Addr) -> Result<(), String> {
 /// as pasta's default and slirp4netns's here, so the three compare like for like.
 /// `switchyard-socket-1500`: the same with a network's default MTU.
 /// `-nobp` (tap, socket): the daemon with busy polling off, for an A/B within one run.
+/// `-1t` (tap, veth, socket): the daemon with one dataplane thread (`--threads 1`).
 fn switchyard_dp(t: &mut Topo, host: &Path, bin: &Path, dp: &str) -> Result<(), String> {
     let nobp = dp.ends_with("-nobp");
-    let dp = dp.trim_end_matches("-nobp");
+    let one_thread = dp.ends_with("-1t");
+    let dp = dp.trim_end_matches("-nobp").trim_end_matches("-1t");
     let kind = if dp.ends_with("veth") { "veth" } else { "tap" };
     let socket_uplink = dp.starts_with("switchyard-socket");
     let mtu = if dp.ends_with("-1500") {
@@ -326,8 +337,14 @@ fn switchyard_dp(t: &mut Topo, host: &Path, bin: &Path, dp: &str) -> Result<(), 
     if socket_uplink {
         uplink_address(host)?;
     }
-    let extra: &[&str] = if nobp { &["--busy-poll", "0"] } else { &[] };
-    let socket = start_switchyard(t, host, bin, !socket_uplink, extra)?;
+    let mut extra: Vec<&str> = Vec::new();
+    if nobp {
+        extra.extend(["--busy-poll", "0"]);
+    }
+    if one_thread {
+        extra.extend(["--threads", "1"]);
+    }
+    let socket = start_switchyard(t, host, bin, !socket_uplink, &extra)?;
     let cli = |args: &[&str]| -> Result<String, String> {
         let out = run_cmd(
             None,

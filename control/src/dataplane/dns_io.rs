@@ -13,9 +13,10 @@ use std::time::{Duration, Instant as WallInstant};
 
 use mio::{Interest, Token};
 
-use super::{Direction, DpState, Out, TOKEN_BASE};
+use super::{DpState, Out, Wire};
 use crate::dns::upstream_tcp::MAX_EXCHANGES;
 use crate::dns::{Exchange, UpstreamTcpCounters};
+use crate::uplink::TOKEN_BASE;
 
 /// The DNS socket's mio token (port tokens are far below, socket-uplink tokens above).
 pub(super) const DNS_TOKEN: Token = Token(TOKEN_BASE - 1);
@@ -93,25 +94,19 @@ impl DpState {
             captures,
             dns_io,
             registry,
+            tx_scratch,
+            shared,
             ..
         } = self;
-        let (ports, captures, uplink) = (&*ports, &*captures, uplink.as_ref());
         let capturing = !captures.list.is_empty();
-        let mut tx = |o: Out, frame: &[u8]| -> bool {
-            match o {
-                Out::Port(p) => {
-                    let Some(io) = ports.get(p.0 as usize).and_then(Option::as_ref) else {
-                        return false;
-                    };
-                    let ok = io.write(frame, None, &mut Vec::new()).is_ok();
-                    if capturing && ok {
-                        captures.copy(p, Direction::ToContainer, frame);
-                    }
-                    ok
-                }
-                Out::Uplink => uplink.is_some_and(|u| u.write(frame).is_ok()),
-            }
+        let mut wire = Wire {
+            ports,
+            uplink: uplink.as_deref(),
+            captures: capturing.then_some(&*captures),
+            scratch: tx_scratch,
+            counters: &shared.uplink,
         };
+        let mut tx = |o: Out, frame: &[u8]| -> bool { wire.send(o, frame, None) };
         if readable {
             if let Some(s) = &dns_io.sock {
                 let mut buf = [0u8; 4096];

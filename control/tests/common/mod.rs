@@ -13,6 +13,16 @@ use switchyard_control::netns::NetNs;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_switchyard");
 
+/// The daemon's raw uplink on `up0` (see [`Env::outside`]), holding 192.0.2.10.
+pub const UPLINK_ARGS: [&str; 6] = [
+    "--uplink",
+    "up0",
+    "--uplink-addr",
+    "192.0.2.10/24",
+    "--uplink-gateway",
+    "192.0.2.1",
+];
+
 pub fn root() -> bool {
     if nix::unistd::geteuid().is_root() {
         true
