@@ -8,8 +8,11 @@ use std::io;
 use std::mem;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use nix::sys::socket::{self, sockopt, AddressFamily, LinkAddr, MsgFlags, SockFlag, SockType};
 
+use super::ring::{self, RxRing, Slot};
 use crate::gso::{VnetHdr, VNET_HDR_LEN};
 
 /// Socket buffer size we ask for, each way (best effort).
@@ -19,12 +22,18 @@ pub const SOCKET_BUFFER_BYTES: usize = 4 << 20;
 /// protocol (`ETH_P_ALL`), which does not read back the frames it writes.
 #[derive(Debug)]
 pub struct PacketSocket {
+    /// With `open_vnet`: received frames are read from this ring (`ring.rs`), and only frames
+    /// too large for a slot from the socket's queue.
+    ring: Option<RxRing>,
     fd: OwnedFd,
     ifindex: u32,
     /// `PACKET_IGNORE_OUTGOING` was refused (kernel < 4.20): drop outgoing frames ourselves.
     filter_outgoing: bool,
     /// `PACKET_VNET_HDR` is on: every frame read or written carries a `virtio_net_hdr`.
     vnet: bool,
+    /// Received frames lost: counted by the kernel (ring or buffer full, see `drops`), plus
+    /// frames cut by a ring slot whose whole copy the kernel could not queue.
+    drops: AtomicU64,
 }
 
 impl PacketSocket {
@@ -33,6 +42,17 @@ impl PacketSocket {
     /// The socket is created with protocol 0, so it receives nothing until `bind` names both the
     /// interface and `ETH_P_ALL`: no frame of another interface slips in between.
     pub fn open(ifindex: u32) -> io::Result<PacketSocket> {
+        Self::open_with(ifindex, false)
+    }
+
+    /// Like `open`, with `PACKET_VNET_HDR`: frames the kernel did not segment or checksum (GRO,
+    /// a TSO peer) arrive whole with a header that says how to finish them ([`RxInfo::vnet`]).
+    /// Frames are received through a `PACKET_MMAP` ring when the kernel grants one.
+    pub fn open_vnet(ifindex: u32) -> io::Result<PacketSocket> {
+        Self::open_with(ifindex, true)
+    }
+
+    fn open_with(ifindex: u32, vnet: bool) -> io::Result<PacketSocket> {
         let fd = socket::socket(
             AddressFamily::Packet,
             SockType::Raw,
@@ -44,22 +64,22 @@ impl PacketSocket {
             set_int_opt(&fd, libc::SOL_PACKET, libc::PACKET_IGNORE_OUTGOING, 1).is_err();
         // Per-frame metadata for `read_meta`: checksum state and the VLAN tag the kernel strips.
         set_int_opt(&fd, libc::SOL_PACKET, libc::PACKET_AUXDATA, 1)?;
+        let mut ring = None;
+        if vnet {
+            set_int_opt(&fd, libc::SOL_PACKET, libc::PACKET_VNET_HDR, 1)?;
+            // The header must be set before the ring, the ring before `bind`. Without a ring
+            // (refused, or no memory) frames are read one `recvmsg` each, as before.
+            ring = RxRing::new(fd.as_fd(), ring::FRAME_SIZE, ring::FRAME_NR, VNET_HDR_LEN).ok();
+        }
         bind_ifindex(&fd, ifindex)?;
         Ok(PacketSocket {
+            ring,
             fd,
             ifindex,
             filter_outgoing,
-            vnet: false,
+            vnet,
+            drops: AtomicU64::new(0),
         })
-    }
-
-    /// Like `open`, with `PACKET_VNET_HDR`: frames the kernel did not segment or checksum (GRO,
-    /// a TSO peer) arrive whole with a header that says how to finish them ([`RxInfo::vnet`]).
-    pub fn open_vnet(ifindex: u32) -> io::Result<PacketSocket> {
-        let mut s = Self::open(ifindex)?;
-        set_int_opt(&s.fd, libc::SOL_PACKET, libc::PACKET_VNET_HDR, 1)?;
-        s.vnet = true;
-        Ok(s)
     }
 
     pub fn ifindex(&self) -> u32 {
@@ -90,6 +110,58 @@ impl PacketSocket {
     /// the kernel took off put back in place, so tagged frames cross the switch unchanged.
     /// `buf` needs 4 bytes of room beyond the largest frame for that tag.
     pub fn read_meta(&self, buf: &mut [u8]) -> io::Result<(usize, RxInfo)> {
+        let Some(ring) = &self.ring else {
+            return self.read_queued(buf);
+        };
+        loop {
+            let step = ring
+                .next(|slot| self.take_slot(slot, buf))
+                .ok_or(io::ErrorKind::WouldBlock)?;
+            match step {
+                RingStep::Frame(n, info) => return Ok((n, info)),
+                RingStep::Skip => {}
+                // The kernel queued the whole frame before it released the slot.
+                RingStep::Queued => match self.read_queued(buf) {
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        self.drops.fetch_add(1, Ordering::Relaxed);
+                    }
+                    r => return r,
+                },
+            }
+        }
+    }
+
+    /// Copies the frame in a ring slot into `buf`, or says where it is.
+    fn take_slot(&self, slot: Slot<'_>, buf: &mut [u8]) -> RingStep {
+        if self.filter_outgoing && slot.pkttype == libc::PACKET_OUTGOING {
+            return RingStep::Skip;
+        }
+        if slot.status & libc::TP_STATUS_COPY != 0 {
+            return RingStep::Queued;
+        }
+        let cap = buf.len().saturating_sub(4);
+        if slot.data.len() < slot.len || slot.len > cap {
+            // Cut by the slot with no whole copy (the socket's buffer was full), or too large.
+            self.drops.fetch_add(1, Ordering::Relaxed);
+            return RingStep::Skip;
+        }
+        let mut info = RxInfo::default();
+        if self.vnet {
+            let Some(h) = VnetHdr::parse(slot.before) else {
+                return RingStep::Skip;
+            };
+            info.partial_csum = h.needs_csum();
+            info.vnet = Some(h);
+        }
+        let n = slot.len;
+        buf[..n].copy_from_slice(slot.data);
+        info.partial_csum |= slot.status & libc::TP_STATUS_CSUMNOTREADY != 0;
+        let n = insert_vlan(buf, n, slot.status, slot.vlan_tci, slot.vlan_tpid);
+        RingStep::Frame(n, info)
+    }
+
+    /// `read_meta` from the socket's queue, one `recvmsg` a frame.
+    fn read_queued(&self, buf: &mut [u8]) -> io::Result<(usize, RxInfo)> {
         loop {
             let cap = buf.len().saturating_sub(4);
             // The vnet header lands in its own buffer (a second iovec): no 64 KB memmove.
@@ -114,22 +186,22 @@ impl PacketSocket {
             }
             if let Some(aux) = aux {
                 info.partial_csum |= aux.tp_status & libc::TP_STATUS_CSUMNOTREADY != 0;
-                if aux.tp_status & libc::TP_STATUS_VLAN_VALID != 0 && n >= 12 {
-                    let tpid = if aux.tp_status & libc::TP_STATUS_VLAN_TPID_VALID != 0
-                        && aux.tp_vlan_tpid != 0
-                    {
-                        aux.tp_vlan_tpid
-                    } else {
-                        0x8100
-                    };
-                    buf.copy_within(12..n, 16);
-                    buf[12..14].copy_from_slice(&tpid.to_be_bytes());
-                    buf[14..16].copy_from_slice(&aux.tp_vlan_tci.to_be_bytes());
-                    n += 4;
-                }
+                n = insert_vlan(buf, n, aux.tp_status, aux.tp_vlan_tci, aux.tp_vlan_tpid);
             }
             return Ok((n, info));
         }
+    }
+
+    /// Frames lost on receive since the socket opened: dropped by the kernel (ring or socket
+    /// buffer full) or cut by a ring slot without a whole copy.
+    pub fn drops(&self) -> u64 {
+        let kernel = ring::take_drops(self.fd.as_fd()).unwrap_or(0);
+        self.drops.fetch_add(kernel, Ordering::Relaxed) + kernel
+    }
+
+    /// Whether frames are received through a `PACKET_MMAP` ring.
+    pub fn has_ring(&self) -> bool {
+        self.ring.is_some()
     }
 
     /// Whether frames carry virtio-net headers (`open_vnet`).
@@ -171,6 +243,34 @@ impl PacketSocket {
     pub fn kernel_ignores_outgoing(&self) -> bool {
         !self.filter_outgoing
     }
+}
+
+/// What a ring slot held.
+enum RingStep {
+    /// A frame, copied into the caller's buffer: its length and metadata.
+    Frame(usize, RxInfo),
+    /// Nothing for the caller (our own outgoing frame, a bad header, a counted drop).
+    Skip,
+    /// Too large for the slot: read it whole from the socket's queue.
+    Queued,
+}
+
+/// Puts back the VLAN tag the kernel took off (`status` says whether there was one) in front
+/// of the EtherType of the `n`-byte frame in `buf`; returns the new length. `buf` has 4 bytes
+/// of room beyond `n`.
+fn insert_vlan(buf: &mut [u8], n: usize, status: u32, tci: u16, tpid: u16) -> usize {
+    if status & libc::TP_STATUS_VLAN_VALID == 0 || n < 12 || n + 4 > buf.len() {
+        return n;
+    }
+    let tpid = if status & libc::TP_STATUS_VLAN_TPID_VALID != 0 && tpid != 0 {
+        tpid
+    } else {
+        0x8100
+    };
+    buf.copy_within(12..n, 16);
+    buf[12..14].copy_from_slice(&tpid.to_be_bytes());
+    buf[14..16].copy_from_slice(&tci.to_be_bytes());
+    n + 4
 }
 
 /// Metadata of a received frame.
