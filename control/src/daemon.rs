@@ -1112,7 +1112,7 @@ impl Daemon {
             let sw = &dp.pipeline.switch;
             let c: Vec<_> = sw
                 .ports()
-                .filter_map(|p| sw.counters(p).map(|c| (p, c.clone())))
+                .filter_map(|p| sw.counters(p).map(|c| (p, c.clone(), dp.port_rx_lost(p))))
                 .collect();
             let nat = serde_json::to_value(dp.pipeline.router.counters()).unwrap_or(Value::Null);
             (
@@ -1132,7 +1132,7 @@ impl Daemon {
                 .collect();
             names.push((net.router_port, "gateway".into()));
             for (pid, pname) in names {
-                let Some((_, c)) = counters.iter().find(|(p, _)| *p == pid) else {
+                let Some((_, c, lost)) = counters.iter().find(|(p, _, _)| *p == pid) else {
                     continue;
                 };
                 ports.push(proto::PortStats {
@@ -1145,6 +1145,8 @@ impl Daemon {
                     drops: c
                         .drops_by_reason()
                         .map(|(r, n)| (r.as_str().to_string(), n))
+                        // Lost in the kernel before we read them (a veth's ring was full).
+                        .chain((*lost > 0).then(|| ("rx_lost".to_string(), *lost)))
                         .collect(),
                     learn_refused: c.learn_refused,
                 });

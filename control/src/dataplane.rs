@@ -90,6 +90,15 @@ impl PortIo {
             PortIo::Packet(p) => p.write(f),
         })
     }
+    /// Frames the kernel could not hand us (an AF_PACKET socket's ring or buffer was full)
+    /// since the port was attached; a tap's are counted by the kernel on the interface.
+    pub fn rx_lost(&self) -> u64 {
+        match self {
+            PortIo::Tap(_) => 0,
+            PortIo::Packet(p) => p.drops(),
+        }
+    }
+
     fn raw_fd(&self) -> RawFd {
         match self {
             PortIo::Tap(t) => t.as_raw_fd(),
@@ -465,6 +474,14 @@ impl DpState {
         ids.into_iter()
             .filter_map(|id| self.detach(id).map(|io| (id, io)))
             .collect()
+    }
+
+    /// Frames lost on receive before the dataplane saw them, by port (see `PortIo::rx_lost`).
+    pub fn port_rx_lost(&self, id: PortId) -> u64 {
+        self.ports
+            .get(id.0 as usize)
+            .and_then(Option::as_ref)
+            .map_or(0, |io| io.rx_lost())
     }
 
     /// The raw uplink's counters.
