@@ -170,4 +170,15 @@ fn a_flow_keeps_its_order_and_counters_lose_nothing_across_workers() {
     assert!(last.0 >= u64::from(N), "{last:?}");
     let (frames, _) = workers(&env);
     assert!(frames.iter().all(|f| *f > 0), "{frames:?}");
+    // Idle, the workers block: no spinning once the traffic and its busy-poll windows are over.
+    let cpu = || {
+        let s = std::fs::read_to_string(format!("/proc/{}/stat", env.daemon_pid())).unwrap();
+        let f: Vec<&str> = s.rsplit(')').next().unwrap().split_whitespace().collect();
+        f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+    };
+    std::thread::sleep(Duration::from_secs(1));
+    let before = cpu();
+    std::thread::sleep(Duration::from_secs(3));
+    let used = cpu() - before;
+    assert!(used <= 30, "an idle daemon used {used} CPU ticks in 3 s");
 }

@@ -153,8 +153,12 @@ impl Worker {
             }
             self.refresh();
             let timeout = if ready.is_empty() {
-                let due = timers.map_or(next_housekeeping, |t| t.min(next_housekeeping));
                 let now = WallInstant::now();
+                // Only worker 0 has timers; the others sleep until their fds or a wake.
+                let due = match jobs {
+                    Some(_) => timers.map_or(next_housekeeping, |t| t.min(next_housekeeping)),
+                    None => now + HOUSEKEEPING,
+                };
                 busy.timeout(due.saturating_duration_since(now), now)
             } else {
                 StdDuration::ZERO
