@@ -318,11 +318,11 @@ mod tests {
     }
 
     #[test]
-    fn a_gso_frame_larger_than_a_slot_arrives_whole_with_its_header() {
+    fn vnet_headers_in_slots_and_gso_frames_larger_than_a_slot() {
         on_veth_pair(|a, b| {
             let rx = PacketSocket::open_vnet(a).unwrap();
             let tx = PacketSocket::open_vnet(b).unwrap();
-            // A small frame, a 64 KB TCP/IPv4 GSO frame, a small frame: in that order.
+            // A small frame, a 64 KB TCP/IPv4 GSO frame, a small frame, in that order.
             let payload = 64_000usize;
             let mut big = vec![0u8; 14 + 20 + 20 + payload];
             big[12..14].copy_from_slice(&[0x08, 0x00]);
@@ -343,14 +343,32 @@ mod tests {
                 csum_start: 34,
                 csum_offset: 16,
             };
+            // A TCP frame with a partial checksum that fits a slot: its header comes from the
+            // slot, in front of the frame.
+            let small = &big[..54 + 100];
+            let mut small = small.to_vec();
+            small[16..18].copy_from_slice(&140u16.to_be_bytes());
+            let partial = VnetHdr {
+                gso_type: 0,
+                hdr_len: 0,
+                gso_size: 0,
+                ..h
+            };
             tx.write(&frame(1, 64)).unwrap();
             tx.write_with_hdr(&h.emit(), &big).unwrap();
             tx.write(&frame(2, 64)).unwrap();
+            tx.write_with_hdr(&partial.emit(), &small).unwrap();
             let mut buf = vec![0u8; 65_600];
             let mut seen = Vec::new();
             while let Ok((n, info)) = rx.read_meta(&mut buf) {
                 if buf[12..14] == ETHERTYPE {
                     seen.push(format!("seq {}", buf[17]));
+                } else if buf[12..14] == [0x08, 0x00] && n == small.len() {
+                    assert_eq!(&buf[..n], &small[..]);
+                    let v = info.vnet.expect("vnet header");
+                    assert!(v.needs_csum() && info.partial_csum);
+                    assert_eq!((v.gso(), v.csum_start, v.csum_offset), (0, 34, 16));
+                    seen.push("small".into());
                 } else if buf[12..14] == [0x08, 0x00] {
                     assert_eq!(&buf[..n], &big[..], "the whole frame");
                     let v = info.vnet.expect("vnet header");
@@ -359,7 +377,7 @@ mod tests {
                     seen.push("big".into());
                 }
             }
-            assert_eq!(seen, ["seq 1", "big", "seq 2"]);
+            assert_eq!(seen, ["seq 1", "big", "seq 2", "small"]);
             assert_eq!(rx.drops(), 0);
         });
     }
@@ -385,6 +403,31 @@ mod tests {
             got.clear();
             drain(&rx, &mut buf, &mut got);
             assert_eq!(got, [sent]);
+        });
+    }
+
+    #[test]
+    fn vlan_tags_the_kernel_strips_are_put_back() {
+        on_veth_pair(|a, b| {
+            let rx = PacketSocket::open_vnet(a).unwrap();
+            let tx = PacketSocket::open(b).unwrap();
+            let mut sent = Vec::new();
+            for (i, tpid) in [[0x81, 0x00], [0x88, 0xa8]].into_iter().enumerate() {
+                // dst, src, the tag (TPID, TCI 0x0123 + i), our EtherType, a sequence number.
+                let mut f = frame(0, 64);
+                f.splice(12..12, [tpid[0], tpid[1], 0x01, 0x23 + i as u8]);
+                f.truncate(64);
+                tx.write(&f).unwrap();
+                sent.push(f);
+            }
+            let mut buf = vec![0u8; 65_600];
+            let mut got = Vec::new();
+            while let Ok((n, _)) = rx.read_meta(&mut buf) {
+                if n >= 18 && buf[16..18] == ETHERTYPE {
+                    got.push(buf[..n].to_vec());
+                }
+            }
+            assert_eq!(got, sent);
         });
     }
 
