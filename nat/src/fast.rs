@@ -39,9 +39,10 @@ use switchyard_switch::gso::{pseudo_sum4, VnetHdr, GSO_TCPV4, VNET_F_NEEDS_CSUM}
 
 use crate::config::{in_subnet, RxMeta, Verdict};
 use crate::conntrack::tcp::TcpFlags;
-use crate::conntrack::{ConnRef, Dir, Kind, Tuple, Zone, L4, UPLINK_ZONE, WARM_MAX};
+use crate::conntrack::{ConnRef, Dir, Kind, Tuple, Zone, L4, UPLINK_ZONE};
 use crate::emit::{Egress, Emits};
 use crate::packet::ETH_LEN;
+use crate::prefetch::prefetch;
 use crate::router::Router;
 
 const IP_HDR: usize = 20;
@@ -212,8 +213,12 @@ fn checksums_ok(frame: &[u8], p: &Pkt) -> bool {
     verifies(pseudo + sum(l4))
 }
 
+/// Frames between the stages of [`Router::pipelined`]: enough handling time to cover a
+/// miss to memory, few enough that the lines asked for are still cached when used.
+const LAG: usize = 4;
+
 /// The conntrack key a TCP/UDP frame would have, read without any validation (for
-/// [`Router::warm`] only: a wrong guess costs a useless read, never a wrong result).
+/// [`Router::pipelined`] only: a wrong guess costs a useless hint, never a wrong result).
 #[inline(always)]
 fn peek_key(f: &[u8]) -> Option<Tuple> {
     if f.len() < ETH_LEN + IP_HDR + 4 || f[12..14] != [8, 0] || f[14] != 0x45 {
@@ -234,27 +239,38 @@ fn peek_key(f: &[u8]) -> Option<Tuple> {
 }
 
 impl Router {
-    /// Start the conntrack reads for a group of frames arriving in `zone` (batch API).
-    #[inline]
-    pub(crate) fn warm(&self, zone: Zone, frames: &[&[u8]]) -> u64 {
-        let mut keys = [(
-            zone,
-            Tuple {
-                src: Ipv4Addr::UNSPECIFIED,
-                dst: Ipv4Addr::UNSPECIFIED,
-                sport: 0,
-                dport: 0,
-                proto: L4::Udp,
-            },
-        ); WARM_MAX];
-        let mut n = 0;
-        for f in frames.iter().take(WARM_MAX) {
-            if let Some(t) = peek_key(f) {
-                keys[n].1 = t;
-                n += 1;
+    /// The batch entry points: `one` (the single-frame entry point) on every frame in order,
+    /// software-pipelined so that the two dependent conntrack misses of a frame (index slot,
+    /// then entry) are in flight while the frames before it are handled. At step `s`: frame
+    /// `s + LAG` is asked for, frame `s`'s key hashed and its index slot asked for, frame
+    /// `s - LAG`'s slot read and its entry asked for, and frame `s - 2 * LAG` handled. Hints
+    /// only: every frame still takes the whole single-frame path, so results are the same.
+    #[inline(always)]
+    pub(crate) fn pipelined(
+        &mut self,
+        zone: Zone,
+        frames: &[&[u8]],
+        verdicts: &mut Vec<Verdict>,
+        mut one: impl FnMut(&mut Self, &[u8]) -> Verdict,
+    ) {
+        let mut hashes = [None; 2 * LAG];
+        for s in 0..frames.len() + 2 * LAG {
+            if let Some(f) = frames.get(s + LAG) {
+                prefetch(f.as_ptr());
+            }
+            if let Some(f) = frames.get(s) {
+                hashes[s % (2 * LAG)] = peek_key(f).map(|t| self.table.prefetch_slot(zone, &t));
+            }
+            if let Some(Some(h)) = s
+                .checked_sub(LAG)
+                .and_then(|i| (i < frames.len()).then(|| hashes[i % (2 * LAG)]))
+            {
+                self.table.prefetch_conn(h);
+            }
+            if let Some(f) = s.checked_sub(2 * LAG).and_then(|i| frames.get(i)) {
+                verdicts.push(one(self, f));
             }
         }
-        self.table.warm(&keys[..n])
     }
 
     /// Fast path of [`Router::handle_from_network`]; `None`: take the full path.

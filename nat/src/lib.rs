@@ -31,7 +31,7 @@
 //! never fragments. IPv6 has room in the types ([`conntrack::IpAddress`], generic tuples) but is
 //! not implemented.
 
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 
 pub mod checksum;
 mod config;
@@ -47,6 +47,8 @@ mod icmp;
 mod local;
 mod packet;
 pub mod ports;
+#[allow(unsafe_code)]
+mod prefetch;
 mod router;
 mod snat;
 

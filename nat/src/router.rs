@@ -310,8 +310,8 @@ impl Router {
 
     /// [`Self::handle_from_network`] for several frames received together on `net`'s router
     /// port, one verdict per frame pushed to `verdicts`. Same results, in the same order, as
-    /// calling it per frame; faster because the conntrack reads of a group of frames are
-    /// started together (see `Table::warm`).
+    /// calling it per frame; faster because the conntrack reads of the next frames are under
+    /// way while one is handled (see `Router::pipelined`).
     pub fn handle_batch_from_network(
         &mut self,
         net: NetworkId,
@@ -321,12 +321,9 @@ impl Router {
         out: &mut Emits,
         verdicts: &mut Vec<Verdict>,
     ) {
-        for group in frames.chunks(crate::conntrack::WARM_MAX) {
-            std::hint::black_box(self.warm(net.0, group));
-            for f in group {
-                verdicts.push(self.handle_from_network(net, f, meta, now, out));
-            }
-        }
+        self.pipelined(net.0, frames, verdicts, |r, f| {
+            r.handle_from_network(net, f, meta, now, out)
+        });
     }
 
     /// [`Self::handle_from_uplink`] for several frames received together (see
@@ -339,12 +336,9 @@ impl Router {
         out: &mut Emits,
         verdicts: &mut Vec<Verdict>,
     ) {
-        for group in frames.chunks(crate::conntrack::WARM_MAX) {
-            std::hint::black_box(self.warm(UPLINK_ZONE, group));
-            for f in group {
-                verdicts.push(self.handle_from_uplink(f, meta, now, out));
-            }
-        }
+        self.pipelined(UPLINK_ZONE, frames, verdicts, |r, f| {
+            r.handle_from_uplink(f, meta, now, out)
+        });
     }
 
     #[inline]

@@ -1682,6 +1682,39 @@ proptest! {
     }
 }
 
+/// `refs` through `a`'s batch entry point and one at a time through `b`'s: the same verdicts,
+/// frames, counters and conntrack size, which are returned.
+fn batch_and_single(
+    a: &mut Lab,
+    b: &mut Lab,
+    refs: &[&[u8]],
+    uplink: bool,
+) -> (Vec<Verdict>, Vec<(Egress, Vec<u8>)>) {
+    let m = RxMeta::default();
+    a.out.clear();
+    b.out.clear();
+    let mut va = Vec::new();
+    if uplink {
+        a.r.handle_batch_from_uplink(refs, m, a.now, &mut a.out, &mut va);
+    } else {
+        a.r.handle_batch_from_network(NET, refs, m, a.now, &mut a.out, &mut va);
+    }
+    let vb: Vec<Verdict> = refs
+        .iter()
+        .map(|f| match uplink {
+            true => b.r.handle_from_uplink(f, m, b.now, &mut b.out),
+            false => b.r.handle_from_network(NET, f, m, b.now, &mut b.out),
+        })
+        .collect();
+    assert_eq!(va, vb);
+    let fa: Vec<_> = a.out.iter().map(|(e, f)| (e, f.to_vec())).collect();
+    let fb: Vec<_> = b.out.iter().map(|(e, f)| (e, f.to_vec())).collect();
+    assert_eq!(fa, fb);
+    assert_eq!(a.r.counters(), b.r.counters());
+    assert_eq!(a.r.conntrack_len(), b.r.conntrack_len());
+    (va, fa)
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(64))]
 
@@ -1716,31 +1749,38 @@ proptest! {
                 })
                 .collect();
             let refs: Vec<&[u8]> = fs.iter().map(|f| &f[..]).collect();
-            a.out.clear();
-            b.out.clear();
-            let mut va = Vec::new();
-            let m = RxMeta::default();
-            if uplink {
-                a.r.handle_batch_from_uplink(&refs, m, a.now, &mut a.out, &mut va);
-            } else {
-                a.r.handle_batch_from_network(NET, &refs, m, a.now, &mut a.out, &mut va);
-            }
-            let vb: Vec<Verdict> = refs
-                .iter()
-                .map(|f| {
-                    if uplink {
-                        b.r.handle_from_uplink(f, m, b.now, &mut b.out)
-                    } else {
-                        b.r.handle_from_network(NET, f, m, b.now, &mut b.out)
-                    }
-                })
-                .collect();
-            prop_assert_eq!(va, vb);
-            let fa: Vec<_> = a.out.iter().map(|(e, f)| (e, f.to_vec())).collect();
-            let fb: Vec<_> = b.out.iter().map(|(e, f)| (e, f.to_vec())).collect();
-            prop_assert_eq!(fa, fb);
-            prop_assert_eq!(a.r.counters(), b.r.counters());
-            prop_assert_eq!(a.r.conntrack_len(), b.r.conntrack_len());
+            batch_and_single(&mut a, &mut b, &refs, uplink);
         }
     }
+}
+
+/// Long batches (far more frames than the pipeline's depth) whose new flows grow the conntrack
+/// index mid-batch, then their replies and the established flows again: the same verdicts,
+/// frames, counters and conntrack as one frame at a time.
+#[test]
+fn batch_matches_single_frames_across_index_growth() {
+    let (mut a, mut b) = twin_labs();
+    let outs: Vec<Vec<u8>> = (0..700u16)
+        .map(|i| udp(GW_MAC, C1_MAC, C1, 10_000 + i, REMOTE, 53, b"q", 64))
+        .collect();
+    let run = |a: &mut Lab, b: &mut Lab, fs: &[Vec<u8>], uplink: bool| {
+        let refs: Vec<&[u8]> = fs.iter().map(|f| &f[..]).collect();
+        let (v, out) = batch_and_single(a, b, &refs, uplink);
+        assert!(v.iter().all(|v| *v == Verdict::Forwarded), "{v:?}");
+        out
+    };
+    let sent = run(&mut a, &mut b, &outs, false);
+    assert_eq!(a.r.conntrack_len(), 700);
+    let replies: Vec<Vec<u8>> = sent
+        .iter()
+        .map(|(_, f)| {
+            let ext = u16::from_be_bytes([f[34], f[35]]);
+            udp(UP_MAC, NH_MAC, REMOTE, 53, UP, ext, b"r", 64)
+        })
+        .collect();
+    let back = run(&mut a, &mut b, &replies, true);
+    assert!(back.iter().all(|(e, _)| *e == Egress::Network(NET)));
+    run(&mut a, &mut b, &outs, false);
+    assert_eq!(a.r.counters().translated_out, 1400);
+    assert_eq!(a.r.counters().translated_in, 700);
 }

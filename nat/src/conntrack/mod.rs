@@ -22,6 +22,8 @@ use switchyard_switch::{Duration, Instant, NetworkId};
 
 use tcp::{Fins, TcpFlags};
 
+use crate::prefetch::prefetch;
+
 /// The IP version a table is keyed on. Only IPv4 is implemented; IPv6 gets its own impl.
 pub trait IpAddress: Copy + Eq + fmt::Debug + 'static {
     const UNSPECIFIED: Self;
@@ -356,8 +358,9 @@ pub struct Table<A: IpAddress = Ipv4Addr> {
 }
 
 const MIN_SLOTS: usize = 1024;
-/// Keys [`Table::warm`] takes at once.
-pub(crate) const WARM_MAX: usize = 16;
+/// Slots [`Table::prefetch_conn`] looks at for a tag (the lookup probes on; at most half full,
+/// the tuple sits within the first few almost always).
+const PREFETCH_PROBES: usize = 4;
 
 #[inline(always)]
 fn folded_mul(a: u64, b: u64) -> u64 {
@@ -509,30 +512,33 @@ impl<A: IpAddress> Table<A> {
         self.is_live(c, now_us).then_some((idx, dir))
     }
 
-    /// Start the memory reads of up to [`WARM_MAX`] lookups at once: the home index slot of
-    /// every key, then the entry each slot points at when its tag matches. Pure reads (a hint:
-    /// the lookups themselves still probe properly); the returned value only keeps the loads
-    /// from being optimised away. With 100k flows both reads miss cache, and done one packet
-    /// at a time they serialise; issued back to back they overlap.
-    #[inline]
-    pub(crate) fn warm(&self, keys: &[(Zone, Tuple<A>)]) -> u64 {
-        let n = keys.len().min(WARM_MAX);
-        let mut h = [0u64; WARM_MAX];
-        let mut v = [0u64; WARM_MAX];
-        for i in 0..n {
-            h[i] = self.hash(keys[i].0, &keys[i].1);
-            v[i] = self.slots[(h[i] >> self.shift) as usize];
-        }
-        let mut acc = 0u64;
-        for i in 0..n {
-            if v[i] != 0 && (v[i] ^ h[i]) >> 32 == 0 {
-                let idx = ((v[i] as u32) - 1) >> 1;
-                if let Some(c) = self.conns.get(idx as usize) {
-                    acc ^= c.last_seen as u64;
-                }
+    /// First stage of a batched lookup ([`crate::fast`]'s pipeline): the key's hash, with the
+    /// index line of its home slot asked for. A hint only: the lookup itself probes properly.
+    #[inline(always)]
+    pub(crate) fn prefetch_slot(&self, zone: Zone, t: &Tuple<A>) -> u64 {
+        let h = self.hash(zone, t);
+        prefetch(self.slots.as_ptr().wrapping_add((h >> self.shift) as usize));
+        h
+    }
+
+    /// Second stage, some packets later: the entry the first slot tagged like `h` points at
+    /// asked for (the slot line is there by now). The hash does not depend on the index size,
+    /// so a table grown in between only makes the hint useless, never wrong.
+    #[inline(always)]
+    pub(crate) fn prefetch_conn(&self, h: u64) {
+        let mask = self.slots.len() - 1;
+        let home = (h >> self.shift) as usize;
+        for i in home..home + PREFETCH_PROBES {
+            let v = self.slots[i & mask];
+            if v == 0 {
+                return;
+            }
+            if (v ^ h) >> 32 == 0 {
+                let idx = ((v as u32) - 1) >> 1;
+                prefetch(self.conns.as_ptr().wrapping_add(idx as usize));
+                return;
             }
         }
-        acc
     }
 
     /// What a live-indexed slot translates packets of `dir` to: the target tuple, the egress
