@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use switchyard_fuzz::frames::*;
-use switchyard_fuzz::{encode_ops, Frame, Op};
+use switchyard_fuzz::{encode_ops, Frame, Op, HOST_OP, MODE_OP};
 
 const NEXT_HOP: Mac = [2, 0, 0, 0, 0, 0x01];
 const UPLINK_MAC: Mac = [2, 0, 0, 0, 0, 0x10];
@@ -376,6 +376,118 @@ fn nat_sequences() -> Vec<(&'static str, Vec<Op>)> {
     ]
 }
 
+/// A [`MODE_OP`] (flags: bit 0 host uplink on, bit 1 raw uplink off).
+fn mode(flags: u8) -> Op {
+    Op {
+        port: MODE_OP,
+        flags,
+        ..op(0, 0, Vec::new())
+    }
+}
+
+/// A [`HOST_OP`]: the IPv4 packet of `f`, from the host uplink, with these flags.
+fn from_host(flags: u8, f: &[u8]) -> Op {
+    Op {
+        port: HOST_OP,
+        flags,
+        ..op(0, 5, f[14..].to_vec())
+    }
+}
+
+/// A TCP super-packet from the host uplink to `dst` (segment size 300 * `seg`), its checksum
+/// field holding the pseudo-header sum as the socket uplink writes it.
+fn host_gso(dst_mac: Mac, gw_mac: Mac, dst: Ip, seg: u8, body: &[u8]) -> Op {
+    let mut f = tcp(
+        dst_mac,
+        gw_mac,
+        OUTSIDE,
+        dst,
+        443,
+        40010,
+        901,
+        101,
+        PSH | ACK,
+        body,
+    );
+    let s = switchyard_switch::gso::pseudo_sum4(OUTSIDE, dst, 6, f.len() - 34);
+    f[50..52].copy_from_slice(&s.to_be_bytes());
+    from_host(1 | 4 | (seg << 3), &f)
+}
+
+/// Host (socket uplink) mode: c1's TCP session to the outside through the host uplink, GSO
+/// super-packets back into both networks, UDP to a gateway, d1's large datagram, the
+/// internal network refused both ways; then the raw uplink back.
+fn host_session() -> Vec<Op> {
+    let body: Vec<u8> = (0..6000u32).map(|i| (i % 251) as u8).collect();
+    let c1 = |fl, data: &[u8]| tcp(GW1_MAC, C1_MAC, C1, OUTSIDE, 40010, 443, 100, 0, fl, data);
+    // A super-packet marked as a first fragment: refused (no segmentation cuts it).
+    let mut frag = host_gso(C1_MAC, GW1_MAC, C1, 4, &body);
+    frag.frame.0[6] |= 0x20;
+    smoltcp::wire::Ipv4Packet::new_unchecked(&mut frag.frame.0[..]).fill_checksum();
+    vec![
+        mode(1 | 2),
+        op(P_C1, 0, c1(SYN, b"")),
+        from_host(
+            0,
+            &tcp(
+                C1_MAC,
+                GW1_MAC,
+                OUTSIDE,
+                C1,
+                443,
+                40010,
+                900,
+                101,
+                SYN | ACK,
+                b"",
+            ),
+        ),
+        op(P_C1, 5, c1(ACK, b"")),
+        op(P_C1, 5, c1(PSH | ACK, b"GET /")),
+        host_gso(C1_MAC, GW1_MAC, C1, 4, &body),
+        host_gso(D1_MAC, GW2_MAC, D1, 29, &body),
+        host_gso(C1_MAC, GW1_MAC, C1, 5, &body),
+        frag,
+        op(P_C1, 5, udp(GW1_MAC, C1_MAC, C1, GW1, 5000, 7000, b"local")),
+        op(P_C1, 5, ping(GW1_MAC, C1_MAC, C1, GW1, 7, 1)),
+        op(
+            P_D1,
+            5,
+            udp(GW2_MAC, D1_MAC, D1, OUTSIDE, 1, 2, &[0x33; 4000]),
+        ),
+        op(P_I1, 5, udp(GW3_MAC, I1_MAC, I1, OUTSIDE, 1, 2, b"x")),
+        from_host(0, &udp(I1_MAC, GW3_MAC, OUTSIDE, I1, 2, 1, b"x")),
+        from_host(0, &udp(C2_MAC, GW1_MAC, OUTSIDE, C2, 53, 5000, b"answer")),
+        mode(0),
+        from_host(0, &udp(C2_MAC, GW1_MAC, OUTSIDE, C2, 53, 5000, b"raw")),
+        op(P_C1, 5, c1(SYN, b"")),
+    ]
+}
+
+/// Sequences for the nat target with uplink mode changes and packets from the host uplink
+/// (not for replay: a capture has neither).
+fn host_sequences() -> Vec<(&'static str, Vec<Op>)> {
+    vec![
+        ("host-session", host_session()),
+        ("host-mode-both", host_modes(1)),
+        ("host-mode-none", host_modes(2)),
+    ]
+}
+
+/// The other uplink modes (`flags` of the [`MODE_OP`]) with traffic both ways.
+fn host_modes(flags: u8) -> Vec<Op> {
+    vec![
+        mode(flags),
+        op(
+            P_C1,
+            0,
+            tcp(GW1_MAC, C1_MAC, C1, OUTSIDE, 40011, 443, 1, 0, SYN, b""),
+        ),
+        from_host(0, &udp(C1_MAC, GW1_MAC, OUTSIDE, C1, 53, 5000, b"answer")),
+        op(P_UP, 5, to_uplink(OUTSIDE, udp_l4(53, 5000, b"answer"), 17)),
+    ]
+}
+
 /// Sequences for the switch target (ports 0-8; 0, 3, 6 have static MACs 02:00:00:00:p:01).
 fn switch_sequences() -> Vec<(&'static str, Vec<Op>)> {
     let m = |p: u8| [2, 0, 0, 0, p, 1];
@@ -510,7 +622,7 @@ fn main() {
         v.extend_from_slice(f);
         write(&root.join("frame"), name, &v);
     }
-    for (name, ops) in nat_sequences() {
+    for (name, ops) in nat_sequences().into_iter().chain(host_sequences()) {
         write(&root.join("nat"), name, &encode_ops(&ops));
     }
     // Each single frame is also a one-op nat input.

@@ -33,7 +33,9 @@ impl<'a> Arbitrary<'a> for Frame {
     }
 }
 
-/// One step: a frame arrives on port `port % ports`, `dt_ms` after the one before.
+/// One step, `dt_ms` after the one before: a frame arrives on port `port % ports`, or (nat
+/// target, by the top bits of `port`) a packet comes from the host uplink ([`HOST_OP`]) or
+/// the uplink mode changes ([`MODE_OP`]).
 #[derive(Arbitrary, Clone, Debug, PartialEq, Eq)]
 pub struct Op {
     pub port: u8,
@@ -83,6 +85,22 @@ pub fn gso_hdr(flags: u8) -> Option<switchyard_switch::gso::VnetHdr> {
         csum_start: 34,
         csum_offset: 16,
     })
+}
+
+/// nat target: `port & 0xc0 == HOST_OP`: the frame is a bare IPv4 packet from the host
+/// (socket) uplink, for `Pipeline::from_host`; as a TCP super-packet with [`host_gso_size`]
+/// when flag bit 2 is set.
+pub const HOST_OP: u8 = 0x80;
+
+/// nat target: `port & 0xc0 == MODE_OP` changes the uplink mode (the frame is ignored):
+/// flag bit 0 turns the host uplink on, bit 1 takes the raw uplink away. Host mode is bit 0
+/// without the raw uplink (it overrides); both off leaves no way out. Inputs start raw.
+pub const MODE_OP: u8 = 0xc0;
+
+/// The segment size of a [`HOST_OP`] with flag bit 2: bits 3-7 times 300 (0 to 9300, so
+/// zero, sizes that fit each network's MTU and sizes that do not).
+pub fn host_gso_size(flags: u8) -> Option<u16> {
+    (flags & 4 != 0).then(|| 300 * u16::from(flags >> 3))
 }
 
 /// The conntrack limit of [`TOPOLOGY`]: small, so the fuzzer can fill it.
@@ -146,13 +164,18 @@ pub fn checksum_error(frame: &[u8]) -> Option<&'static str> {
     if eth.ethertype() != EthernetProtocol::Ipv4 {
         return None;
     }
-    let Ok(ip) = Ipv4Packet::new_checked(eth.payload()) else {
+    ip_checksum_error(eth.payload(), true)
+}
+
+/// [`checksum_error`] for a bare IPv4 packet; the L4 checksum only with `l4`.
+pub fn ip_checksum_error(pkt: &[u8], l4: bool) -> Option<&'static str> {
+    let Ok(ip) = Ipv4Packet::new_checked(pkt) else {
         return Some("truncated IPv4 header");
     };
     if !ip.verify_checksum() {
         return Some("IPv4 header checksum");
     }
-    if ip.more_frags() || ip.frag_offset() != 0 {
+    if !l4 || ip.more_frags() || ip.frag_offset() != 0 {
         return None;
     }
     let (s, d) = (

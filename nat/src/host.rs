@@ -122,6 +122,10 @@ impl Router {
                 if ip.proto != 6 || g == 0 || thl < 20 || ip.hlen + thl > ip.total {
                     return Verdict::Dropped(DropReason::Malformed);
                 }
+                if ip.is_fragment() {
+                    // Segmentation (the kernel's or gso::finish) cuts whole TCP packets only.
+                    return Verdict::Dropped(DropReason::Fragment);
+                }
                 let hdr = VnetHdr {
                     flags: VNET_F_NEEDS_CSUM,
                     gso_type: GSO_TCPV4,

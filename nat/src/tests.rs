@@ -1558,13 +1558,19 @@ fn host_super_packets_enter_as_one_gso_frame_cut_within_the_mtu() {
         })
     );
     // Segments that would not fit the MTU, the packet whole without GSO, a UDP packet, a
-    // zero segment size.
+    // zero segment size, a fragment (found by the nat fuzz target: no segmentation cuts it).
     let u = bare(&udp(GW_MAC, C1_MAC, REMOTE, 53, C1, 1, &[0u8; 1600], 9));
+    let mut frag = pkt.clone();
+    frag[6] |= 0x20;
+    frag[10..12].copy_from_slice(&[0, 0]);
+    let c = ck::full(&frag[..20]);
+    frag[10..12].copy_from_slice(&c.to_be_bytes());
     for (p, g, why) in [
         (&pkt, Some(1461), DropReason::Oversize),
         (&pkt, None, DropReason::Oversize),
         (&u, Some(1000), DropReason::Malformed),
         (&pkt, Some(0), DropReason::Malformed),
+        (&frag, Some(1460), DropReason::Fragment),
     ] {
         l.out.clear();
         let v = match g {
