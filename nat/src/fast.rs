@@ -265,7 +265,7 @@ impl Router {
                 .checked_sub(LAG)
                 .and_then(|i| (i < frames.len()).then(|| hashes[i % (2 * LAG)]))
             {
-                self.table.prefetch_conn(h);
+                let _ = self.table.prefetch_conn(h);
             }
             if let Some(f) = s.checked_sub(2 * LAG).and_then(|i| frames.get(i)) {
                 verdicts.push(one(self, f));

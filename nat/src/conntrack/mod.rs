@@ -446,10 +446,14 @@ impl<A: IpAddress> Table<A> {
             | (u64::from(t.dport) << 32)
             | ((t.proto as u64) << 16)
             | u64::from(zone);
-        folded_mul(
+        let h = folded_mul(
             a ^ self.seed,
             b ^ 0x243F_6A88_85A3_08D3 ^ self.seed.rotate_left(32),
-        )
+        );
+        // A second round: after one, tuples differing only in a port (the uplink side of
+        // masqueraded flows) can get home slots a small step apart, depending on the seed and
+        // the addresses, and linear probing turned those into clusters 20+ slots long.
+        folded_mul(h, 0x9E37_79B9_7F4A_7C15)
     }
 
     #[inline(always)]
@@ -522,23 +526,24 @@ impl<A: IpAddress> Table<A> {
     }
 
     /// Second stage, some packets later: the entry the first slot tagged like `h` points at
-    /// asked for (the slot line is there by now). The hash does not depend on the index size,
-    /// so a table grown in between only makes the hint useless, never wrong.
+    /// asked for (the slot line is there by now), and returned. The hash does not depend on the
+    /// index size, so a table grown in between only makes the hint useless, never wrong.
     #[inline(always)]
-    pub(crate) fn prefetch_conn(&self, h: u64) {
+    pub(crate) fn prefetch_conn(&self, h: u64) -> Option<u32> {
         let mask = self.slots.len() - 1;
         let home = (h >> self.shift) as usize;
         for i in home..home + PREFETCH_PROBES {
             let v = self.slots[i & mask];
             if v == 0 {
-                return;
+                return None;
             }
             if (v ^ h) >> 32 == 0 {
                 let idx = ((v as u32) - 1) >> 1;
                 prefetch(self.conns.as_ptr().wrapping_add(idx as usize));
-                return;
+                return Some(idx);
             }
         }
+        None
     }
 
     /// What a live-indexed slot translates packets of `dir` to: the target tuple, the egress

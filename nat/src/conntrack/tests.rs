@@ -221,3 +221,41 @@ fn an_ipv4_connection_is_one_cache_line() {
     assert_eq!(std::mem::size_of::<Conn<Ipv4Addr>>(), 64);
     assert_eq!(std::mem::align_of::<Conn<Ipv4Addr>>(), 64);
 }
+
+proptest! {
+    /// The batch path's prefetch stages: the first hashes like the lookup; the second, for any
+    /// hash at all, never panics and, for a tracked tuple, points at its connection (or at one
+    /// whose tuple shares the 32-bit tag), also after the index grew and entries were removed.
+    #[test]
+    fn prefetch_stages_agree_with_lookup(n in 1u32..700, gone in 0u32..50, seed in any::<u64>(),
+                                         junk in proptest::collection::vec(any::<u64>(), 0..64)) {
+        let mut tb: Table = Table::new(cfg(1024), seed);
+        let flows: Vec<NewConn> = (0..n)
+            .map(|i| snat(i % 250, 1024 + (i / 250) as u16, 20_000 + i as u16, State::UdpAssured))
+            .collect();
+        let refs: Vec<ConnRef> = flows.iter().map(|f| tb.insert(*f, t(0)).unwrap().conn()).collect();
+        for r in refs.iter().take(gone as usize) {
+            tb.remove(*r);
+        }
+        for h in junk {
+            let _ = tb.prefetch_conn(h);
+        }
+        let (mut found, mut hinted) = (0, 0);
+        for f in &flows {
+            for (zone, key) in [(f.orig_zone, f.orig), (f.reply_zone, f.reply)] {
+                let h = tb.prefetch_slot(zone, &key);
+                prop_assert_eq!(h, tb.hash(zone, &key));
+                let Some((idx, dir)) = tb.find(zone, &key) else { continue };
+                found += 1;
+                if let Some(hint) = tb.prefetch_conn(h) {
+                    hinted += 1;
+                    let c = &tb.conns[hint as usize];
+                    let same_tag = (0..2).any(|d| (tb.hash(c.zone[d], &c.tuple[d]) ^ h) >> 32 == 0);
+                    prop_assert!(hint == idx || same_tag, "{} vs {} {:?}", hint, idx, dir);
+                }
+            }
+        }
+        // At most half full: nearly every tuple sits within the first probes.
+        prop_assert!(hinted * 10 >= found * 9, "{} of {} hinted", hinted, found);
+    }
+}
