@@ -5,7 +5,9 @@
 mod common;
 
 use std::net::{Ipv4Addr, UdpSocket};
-use std::time::Duration;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use common::*;
 use serde_json::Value;
@@ -107,7 +109,11 @@ fn a_flow_keeps_its_order_and_counters_lose_nothing_across_workers() {
     // Two numbered UDP streams at once, c1 -> c2 and c4 -> c3, crossing between the workers:
     // what arrives arrives in the order sent.
     const N: u32 = 3000;
-    let recv = |i: usize| {
+    // The sender keeps at most WINDOW datagrams ahead of what its receiver has taken (both
+    // run in this process), so a loaded machine slows the stream instead of dropping it; a
+    // window with no progress for 50 ms is given up on (a loss), so a drop cannot stall it.
+    const WINDOW: u32 = 128;
+    let recv = |i: usize, seen: Arc<AtomicU32>| {
         let s = run_in(&cs[i].ns, || UdpSocket::bind(("0.0.0.0", 9000)))
             .unwrap()
             .unwrap();
@@ -118,29 +124,35 @@ fn a_flow_keeps_its_order_and_counters_lose_nothing_across_workers() {
             let mut b = [0u8; 64];
             while let Ok(n) = s.recv(&mut b) {
                 if n == 4 {
-                    got.push(u32::from_be_bytes([b[0], b[1], b[2], b[3]]));
+                    let k = u32::from_be_bytes([b[0], b[1], b[2], b[3]]);
+                    got.push(k);
+                    seen.store(k + 1, Ordering::Release);
                 }
             }
             got
         })
     };
-    let send = |i: usize, to: Ipv4Addr| {
+    let send = |i: usize, to: Ipv4Addr, seen: Arc<AtomicU32>| {
         let ns = switchyard_control::netns::NetNs::open(&cs[i].path).unwrap();
         std::thread::spawn(move || {
             run_in(&ns, || {
                 let s = UdpSocket::bind("0.0.0.0:0").unwrap();
                 for k in 0..N {
-                    let _ = s.send_to(&k.to_be_bytes(), (to, 9000));
-                    if k % 64 == 0 {
-                        std::thread::sleep(Duration::from_micros(200));
+                    let stalled = Instant::now();
+                    while k >= seen.load(Ordering::Acquire) + WINDOW
+                        && stalled.elapsed() < Duration::from_millis(50)
+                    {
+                        std::thread::sleep(Duration::from_micros(100));
                     }
+                    let _ = s.send_to(&k.to_be_bytes(), (to, 9000));
                 }
             })
             .unwrap()
         })
     };
-    let (r2, r3) = (recv(1), recv(2));
-    let (s1, s4) = (send(0, ips[1]), send(3, ips[2]));
+    let (seen2, seen3) = (Arc::new(AtomicU32::new(0)), Arc::new(AtomicU32::new(0)));
+    let (r2, r3) = (recv(1, seen2.clone()), recv(2, seen3.clone()));
+    let (s1, s4) = (send(0, ips[1], seen2), send(3, ips[2], seen3));
     s1.join().unwrap();
     s4.join().unwrap();
     for r in [r2, r3] {
