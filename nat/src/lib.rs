@@ -43,6 +43,8 @@ mod fast;
 pub mod frag;
 mod gateway;
 mod host;
+#[allow(unsafe_code)]
+mod hugepages;
 mod icmp;
 mod local;
 mod packet;

@@ -1,5 +1,5 @@
 //! A cache prefetch hint, the batch path's way to overlap the conntrack misses of several
-//! packets (the crate's only unsafe code).
+//! packets (with `hugepages`, the crate's only unsafe code).
 //!
 //! Why not a plain load (as `Table::warm` did before): a load that misses holds up retirement,
 //! so a group of them stalls the core until the slowest returns, and the packet work behind

@@ -22,6 +22,7 @@ use switchyard_switch::{Duration, Instant, NetworkId};
 
 use tcp::{Fins, TcpFlags};
 
+use crate::hugepages;
 use crate::prefetch::prefetch;
 
 /// The IP version a table is keyed on. Only IPv4 is implemented; IPv6 gets its own impl.
@@ -630,6 +631,7 @@ impl<A: IpAddress> Table<A> {
                 i
             }
             None => {
+                hugepages::reserve_one(&mut self.conns);
                 self.conns.push(conn);
                 (self.conns.len() - 1) as u32
             }
@@ -881,7 +883,9 @@ impl<A: IpAddress> Table<A> {
             return;
         }
         let new_len = (self.slots.len() * 2).min(self.max_slots);
+        // Zeroed memory this large comes untouched from mmap: advise it before the rehash.
         self.slots = vec![0; new_len];
+        hugepages::advise(&self.slots);
         self.shift = 64 - new_len.trailing_zeros();
         for i in 0..self.conns.len() as u32 {
             if self.conns[i as usize].flags & F_LIVE != 0 {
