@@ -238,6 +238,15 @@ fn peek_key(f: &[u8]) -> Option<Tuple> {
     })
 }
 
+/// A frame's guessed key ([`peek_key`]) and its hash, kept from the first stage of
+/// [`Router::pipelined`] so that the lookup does not hash again. Used only when the parsed key
+/// is the same (the guess reads no header length, checksum or MAC).
+#[derive(Clone, Copy)]
+pub(crate) struct Hint {
+    key: Tuple,
+    hash: u64,
+}
+
 impl Router {
     /// The batch entry points: `one` (the single-frame entry point) on every frame in order,
     /// software-pipelined so that the two dependent conntrack misses of a frame (index slot,
@@ -251,24 +260,27 @@ impl Router {
         zone: Zone,
         frames: &[&[u8]],
         verdicts: &mut Vec<Verdict>,
-        mut one: impl FnMut(&mut Self, &[u8]) -> Verdict,
+        mut one: impl FnMut(&mut Self, &[u8], Option<Hint>) -> Verdict,
     ) {
-        let mut hashes = [None; 2 * LAG];
+        let mut hints: [Option<Hint>; 2 * LAG] = [None; 2 * LAG];
         for s in 0..frames.len() + 2 * LAG {
             if let Some(f) = frames.get(s + LAG) {
                 prefetch(f.as_ptr());
             }
             if let Some(f) = frames.get(s) {
-                hashes[s % (2 * LAG)] = peek_key(f).map(|t| self.table.prefetch_slot(zone, &t));
+                hints[s % (2 * LAG)] = peek_key(f).map(|key| Hint {
+                    hash: self.table.prefetch_slot(zone, &key),
+                    key,
+                });
             }
             if let Some(Some(h)) = s
                 .checked_sub(LAG)
-                .and_then(|i| (i < frames.len()).then(|| hashes[i % (2 * LAG)]))
+                .and_then(|i| (i < frames.len()).then(|| hints[i % (2 * LAG)]))
             {
-                let _ = self.table.prefetch_conn(h);
+                let _ = self.table.prefetch_conn(h.hash);
             }
-            if let Some(f) = s.checked_sub(2 * LAG).and_then(|i| frames.get(i)) {
-                verdicts.push(one(self, f));
+            if let Some(i) = s.checked_sub(2 * LAG).filter(|&i| i < frames.len()) {
+                verdicts.push(one(self, frames[i], hints[i % (2 * LAG)]));
             }
         }
     }
@@ -282,11 +294,12 @@ impl Router {
         meta: RxMeta,
         now: Instant,
         out: &mut Emits,
+        hint: Option<Hint>,
     ) -> Option<()> {
         if meta.partial_csum {
             return None;
         }
-        let plan = self.plan_network(net, frame, None, now)?;
+        let plan = self.plan_network(net, frame, None, now, hint)?;
         self.commit_copy(&plan, frame, now, out);
         Some(())
     }
@@ -299,11 +312,12 @@ impl Router {
         meta: RxMeta,
         now: Instant,
         out: &mut Emits,
+        hint: Option<Hint>,
     ) -> Option<()> {
         if meta.partial_csum {
             return None;
         }
-        let plan = self.plan_uplink(frame, None, now)?;
+        let plan = self.plan_uplink(frame, None, now, hint)?;
         self.commit_copy(&plan, frame, now, out);
         Some(())
     }
@@ -323,7 +337,7 @@ impl Router {
         now: Instant,
         out: &mut Emits,
     ) -> Option<Verdict> {
-        let plan = self.plan_network(net, frame, Some(hdr), now)?;
+        let plan = self.plan_network(net, frame, Some(hdr), now, None)?;
         self.commit_copy(&plan, frame, now, out);
         Some(self.finish(Verdict::Forwarded))
     }
@@ -337,7 +351,7 @@ impl Router {
         now: Instant,
         out: &mut Emits,
     ) -> Option<Verdict> {
-        let plan = self.plan_uplink(frame, Some(hdr), now)?;
+        let plan = self.plan_uplink(frame, Some(hdr), now, None)?;
         self.commit_copy(&plan, frame, now, out);
         Some(self.finish(Verdict::Forwarded))
     }
@@ -352,7 +366,7 @@ impl Router {
         hdr: &VnetHdr,
         now: Instant,
     ) -> Option<(Egress, VnetHdr)> {
-        let plan = self.plan_network(net, frame, Some(hdr), now)?;
+        let plan = self.plan_network(net, frame, Some(hdr), now, None)?;
         self.commit(&plan, frame, now);
         self.finish(Verdict::Forwarded);
         Some((plan.egress, plan.hdr?))
@@ -366,7 +380,7 @@ impl Router {
         hdr: &VnetHdr,
         now: Instant,
     ) -> Option<(Egress, VnetHdr)> {
-        let plan = self.plan_uplink(frame, Some(hdr), now)?;
+        let plan = self.plan_uplink(frame, Some(hdr), now, None)?;
         self.commit(&plan, frame, now);
         self.finish(Verdict::Forwarded);
         Some((plan.egress, plan.hdr?))
@@ -381,6 +395,7 @@ impl Router {
         frame: &[u8],
         gso: Option<&VnetHdr>,
         now: Instant,
+        hint: Option<Hint>,
     ) -> Option<Plan> {
         // Host mode and "no route" both need `uplink == None`: excluded here.
         let up = self.uplink?;
@@ -410,13 +425,19 @@ impl Router {
         {
             return None;
         }
-        self.plan(net.0, frame, p, gso, now)
+        self.plan(net.0, frame, p, gso, now, hint)
     }
 
     /// A frame from the uplink for the fast path, whole (`gso`: a TCP super-frame); no side
     /// effect.
     #[inline(always)]
-    fn plan_uplink(&self, frame: &[u8], gso: Option<&VnetHdr>, now: Instant) -> Option<Plan> {
+    fn plan_uplink(
+        &self,
+        frame: &[u8],
+        gso: Option<&VnetHdr>,
+        now: Instant,
+        hint: Option<Hint>,
+    ) -> Option<Plan> {
         let up = self.uplink?;
         let limit = self.cfg.uplink_mtu + switchyard_switch::frame::ETH_OVERHEAD;
         if (gso.is_none() && frame.len() > limit) || frame.get(0..6)? != up.mac.0 {
@@ -426,7 +447,7 @@ impl Router {
         if ETH_LEN + p.wire > limit || p.dst != up.addr.to_bits() {
             return None;
         }
-        self.plan(UPLINK_ZONE, frame, p, gso, now)
+        self.plan(UPLINK_ZONE, frame, p, gso, now, hint)
     }
 
     /// [`Router::forward`]'s decisions for a parsed fast-path packet arriving in `zone`.
@@ -438,6 +459,7 @@ impl Router {
         p: Pkt,
         gso: Option<&VnetHdr>,
         now: Instant,
+        hint: Option<Hint>,
     ) -> Option<Plan> {
         if p.ttl <= 1 {
             return None;
@@ -449,7 +471,11 @@ impl Router {
             dport: p.dport,
             proto: if p.tcp { L4::Tcp } else { L4::Udp },
         };
-        let (idx, dir) = self.table.lookup_live(zone, &key, now.total_micros())?;
+        let now_us = now.total_micros();
+        let (idx, dir) = match hint {
+            Some(h) if h.key == key => self.table.lookup_live_hashed(zone, &key, h.hash, now_us)?,
+            _ => self.table.lookup_live(zone, &key, now_us)?,
+        };
         // A super-frame's TCP checksum is not verified (its sender offloaded it, or GRO checked
         // the segments); the IPv4 header's is.
         let ok = match gso {

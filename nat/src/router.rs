@@ -21,6 +21,7 @@ use crate::conntrack::{ConnRef, Dir, Kind, Table, Zone, UPLINK_ZONE};
 use crate::counters::{ConnInfo, NatCounters};
 use crate::dnat::Forwards;
 use crate::emit::{Egress, Emits};
+use crate::fast::Hint;
 use crate::frag::{FragKey, FragTable};
 use crate::gateway::{Neighbors, TokenBucket};
 use crate::packet::{self, Ip4, L4Info, ETH_LEN};
@@ -286,7 +287,24 @@ impl Router {
         now: Instant,
         out: &mut Emits,
     ) -> Verdict {
-        if self.fast_from_network(net, frame, meta, now, out).is_some() {
+        self.hinted_from_network(net, frame, meta, now, out, None)
+    }
+
+    /// [`Self::handle_from_network`] with the batch path's hashed key, if any.
+    #[inline(always)]
+    fn hinted_from_network(
+        &mut self,
+        net: NetworkId,
+        frame: &[u8],
+        meta: RxMeta,
+        now: Instant,
+        out: &mut Emits,
+        hint: Option<Hint>,
+    ) -> Verdict {
+        if self
+            .fast_from_network(net, frame, meta, now, out, hint)
+            .is_some()
+        {
             return self.finish(Verdict::Forwarded);
         }
         let v = self.network_rx(net, frame, meta, now, out);
@@ -301,7 +319,20 @@ impl Router {
         now: Instant,
         out: &mut Emits,
     ) -> Verdict {
-        if self.fast_from_uplink(frame, meta, now, out).is_some() {
+        self.hinted_from_uplink(frame, meta, now, out, None)
+    }
+
+    /// [`Self::handle_from_uplink`] with the batch path's hashed key, if any.
+    #[inline(always)]
+    fn hinted_from_uplink(
+        &mut self,
+        frame: &[u8],
+        meta: RxMeta,
+        now: Instant,
+        out: &mut Emits,
+        hint: Option<Hint>,
+    ) -> Verdict {
+        if self.fast_from_uplink(frame, meta, now, out, hint).is_some() {
             return self.finish(Verdict::Forwarded);
         }
         let v = self.uplink_rx(frame, meta, now, out);
@@ -321,8 +352,8 @@ impl Router {
         out: &mut Emits,
         verdicts: &mut Vec<Verdict>,
     ) {
-        self.pipelined(net.0, frames, verdicts, |r, f| {
-            r.handle_from_network(net, f, meta, now, out)
+        self.pipelined(net.0, frames, verdicts, |r, f, h| {
+            r.hinted_from_network(net, f, meta, now, out, h)
         });
     }
 
@@ -336,8 +367,8 @@ impl Router {
         out: &mut Emits,
         verdicts: &mut Vec<Verdict>,
     ) {
-        self.pipelined(UPLINK_ZONE, frames, verdicts, |r, f| {
-            r.handle_from_uplink(f, meta, now, out)
+        self.pipelined(UPLINK_ZONE, frames, verdicts, |r, f, h| {
+            r.hinted_from_uplink(f, meta, now, out, h)
         });
     }
 

@@ -470,7 +470,12 @@ impl<A: IpAddress> Table<A> {
     /// The slot index and direction holding this tuple, live or not.
     #[inline(always)]
     fn find(&self, zone: Zone, t: &Tuple<A>) -> Option<(u32, Dir)> {
-        let h = self.hash(zone, t);
+        self.find_hashed(zone, t, self.hash(zone, t))
+    }
+
+    /// [`Self::find`] with the key's hash already computed (`h == self.hash(zone, t)`).
+    #[inline(always)]
+    fn find_hashed(&self, zone: Zone, t: &Tuple<A>, h: u64) -> Option<(u32, Dir)> {
         let mask = self.slots.len() - 1;
         let mut i = (h >> self.shift) as usize;
         loop {
@@ -512,7 +517,21 @@ impl<A: IpAddress> Table<A> {
     /// expired* entry (the caller then takes the full path, whose `lookup` collects it).
     #[inline(always)]
     pub(crate) fn lookup_live(&self, zone: Zone, t: &Tuple<A>, now_us: i64) -> Option<(u32, Dir)> {
-        let (idx, dir) = self.find(zone, t)?;
+        self.lookup_live_hashed(zone, t, self.hash(zone, t), now_us)
+    }
+
+    /// [`Self::lookup_live`] with the key's hash from [`Self::prefetch_slot`] (the batch path
+    /// hashes each key once). `h` must be that key's hash: it depends only on the key and the
+    /// seed, so one taken before the index grew stays valid.
+    #[inline(always)]
+    pub(crate) fn lookup_live_hashed(
+        &self,
+        zone: Zone,
+        t: &Tuple<A>,
+        h: u64,
+        now_us: i64,
+    ) -> Option<(u32, Dir)> {
+        let (idx, dir) = self.find_hashed(zone, t, h)?;
         let c = &self.conns[idx as usize];
         self.is_live(c, now_us).then_some((idx, dir))
     }
