@@ -137,7 +137,15 @@ fn a_flow_keeps_its_order_and_counters_lose_nothing_across_workers() {
         std::thread::spawn(move || {
             run_in(&ns, || {
                 let s = UdpSocket::bind("0.0.0.0:0").unwrap();
-                for k in 0..N {
+                // The first datagram waits for ARP; later ones are sent once it has arrived.
+                // Sent meanwhile, they would race the kernel's flush of its queue of unresolved
+                // packets and be reordered inside the sender's stack, before the dataplane.
+                let _ = s.send_to(&0u32.to_be_bytes(), (to, 9000));
+                let arp = Instant::now();
+                while seen.load(Ordering::Acquire) == 0 && arp.elapsed() < Duration::from_secs(2) {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                for k in 1..N {
                     let stalled = Instant::now();
                     while k >= seen.load(Ordering::Acquire) + WINDOW
                         && stalled.elapsed() < Duration::from_millis(50)
