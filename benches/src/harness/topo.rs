@@ -64,6 +64,19 @@ pub const ALL: &[&str] = &[
     "slirp4netns",
 ];
 
+/// The dataplanes that run a `switchyard` daemon of their own (`switchyard_dp`).
+const SWITCHYARD_DAEMON: &[&str] = &[
+    "switchyard-tap",
+    "switchyard-veth",
+    "switchyard-socket",
+    "switchyard-socket-1500",
+    "switchyard-tap-nobp",
+    "switchyard-socket-nobp",
+    "switchyard-tap-1t",
+    "switchyard-veth-1t",
+    "switchyard-socket-1t",
+];
+
 /// What the tests need to know about one built topology.
 pub struct Topo {
     pub dataplane: String,
@@ -124,15 +137,7 @@ pub fn available(dp: &str, switchyard: &Path) -> Result<(), String> {
         }
     };
     match dp {
-        "switchyard-tap"
-        | "switchyard-veth"
-        | "switchyard-socket"
-        | "switchyard-socket-1500"
-        | "switchyard-tap-nobp"
-        | "switchyard-socket-nobp"
-        | "switchyard-tap-1t"
-        | "switchyard-veth-1t"
-        | "switchyard-socket-1t" => {
+        d if SWITCHYARD_DAEMON.contains(&d) => {
             if switchyard.is_file() {
                 Ok(())
             } else {
@@ -221,15 +226,7 @@ pub fn build(dp: &str, switchyard: &Path) -> Result<Topo, String> {
     ip(&["-n", &en, "link", "set", "ext0", "up"])?;
     ip(&["-n", &hn, "link", "set", "up0", "up"])?;
     match dp {
-        "switchyard-tap"
-        | "switchyard-veth"
-        | "switchyard-socket"
-        | "switchyard-socket-1500"
-        | "switchyard-tap-nobp"
-        | "switchyard-socket-nobp"
-        | "switchyard-tap-1t"
-        | "switchyard-veth-1t"
-        | "switchyard-socket-1t" => switchyard_dp(&mut t, &host, switchyard, dp)?,
+        d if SWITCHYARD_DAEMON.contains(&d) => switchyard_dp(&mut t, &host, switchyard, dp)?,
         "switchyard-docker" => docker_dp(&mut t, &host, Some(switchyard))?,
         "docker-bridge" => docker_dp(&mut t, &host, None)?,
         "kernel" => kernel_dp(&mut t, &host)?,
