@@ -515,26 +515,10 @@ impl Daemon {
         let has_dns = dns.is_some();
         self.dp(move |dp| -> Result<()> {
             let now = dp.now();
+            // All or nothing: a router port that cannot be added leaves no half-made network.
             dp.pipeline
-                .switch
-                .add_network(nid, mtu as usize)
+                .add_network(ncfg, router_port, now)
                 .map_err(|e| Error::internal(e.to_string()))?;
-            if let Err(e) = dp.pipeline.router.add_network(ncfg) {
-                let _ = dp.pipeline.switch.remove_network(nid);
-                return Err(Error::internal(format!("{e:?}")));
-            }
-            dp.pipeline
-                .switch
-                .add_port(
-                    router_port,
-                    nid,
-                    PortKind::Router,
-                    Some(gateway_mac),
-                    false,
-                    now,
-                )
-                .map_err(|e| Error::internal(e.to_string()))?;
-            dp.pipeline.set_router_port(nid, Some(router_port));
             dp.pipeline.set_dns_network(nid, dns);
             Ok(())
         })??;
