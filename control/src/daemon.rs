@@ -1092,11 +1092,15 @@ impl Daemon {
             }
             v
         })?;
-        let (counters, up, nat, sock, workers) = self.dp(|dp| {
+        let (counters, up, nat, sock, (workers, migrations)) = self.dp(|dp| {
             let sw = &dp.pipeline.switch;
             let c: Vec<_> = sw
                 .ports()
-                .filter_map(|p| sw.counters(p).map(|c| (p, c.clone(), dp.port_rx_lost(p))))
+                .filter_map(|p| {
+                    let lost = dp.port_rx_lost(p);
+                    sw.counters(p)
+                        .map(|c| (p, c.clone(), lost, dp.port_worker(p)))
+                })
                 .collect();
             let nat = serde_json::to_value(dp.pipeline.router.counters()).unwrap_or(Value::Null);
             (
@@ -1104,7 +1108,7 @@ impl Daemon {
                 dp.uplink_counters(),
                 nat,
                 dp.socket_counters(),
-                dp.workers(),
+                (dp.workers(), dp.migrations()),
             )
         })?;
         let mut ports = Vec::new();
@@ -1116,7 +1120,7 @@ impl Daemon {
                 .collect();
             names.push((net.router_port, "gateway".into()));
             for (pid, pname) in names {
-                let Some((_, c, lost)) = counters.iter().find(|(p, _, _)| *p == pid) else {
+                let Some((_, c, lost, worker)) = counters.iter().find(|(p, ..)| *p == pid) else {
                     continue;
                 };
                 ports.push(proto::PortStats {
@@ -1133,6 +1137,7 @@ impl Daemon {
                         .chain((*lost > 0).then(|| ("rx_lost".to_string(), *lost)))
                         .collect(),
                     learn_refused: c.learn_refused,
+                    worker: *worker,
                 });
             }
         }
@@ -1154,7 +1159,11 @@ impl Daemon {
             uplink,
             nat,
             dns,
-            dataplane: json!({"threads": workers.len(), "workers": workers}),
+            dataplane: json!({
+                "threads": workers.len(),
+                "migrations": migrations,
+                "workers": workers,
+            }),
         })
     }
 

@@ -26,11 +26,13 @@ use crate::error::{Error, Result};
 use crate::pipeline::{Out, Pipeline, Verdict};
 use crate::uplink::{SocketCounters, SocketUplink, SocketUplinkConfig};
 
+mod affinity;
 mod busy_poll;
 mod dns_io;
 pub(crate) mod held;
 mod worker;
 
+use affinity::{Affinity, Move, Outputs, Peer};
 use busy_poll::BusyPoll;
 use held::Held;
 
@@ -41,6 +43,9 @@ const PORT_BASE: usize = 2;
 const MAX_FRAME: usize = 65_536 + 18 + 4;
 /// How often MAC aging and conntrack expiry run when nothing else wakes the loop.
 const HOUSEKEEPING: StdDuration = StdDuration::from_millis(500);
+/// How often ports are moved between workers to follow their conversations (`affinity.rs`).
+const AFFINITY_INTERVAL: switchyard_switch::Duration =
+    switchyard_switch::Duration::from_millis(1000);
 
 /// The kernel side of an endpoint port.
 pub enum PortIo {
@@ -274,6 +279,8 @@ struct WorkerHandle {
     waker: Waker,
     /// Frames this worker read (ports and the raw uplink).
     frames: AtomicU64,
+    /// Ports it must hand over to another worker are waiting in `DpState::pending`.
+    handover: AtomicBool,
 }
 
 /// What the workers share outside the state lock.
@@ -284,6 +291,8 @@ struct Shared {
     gen: AtomicU64,
     uplink: UplinkAtomics,
     stop: AtomicBool,
+    /// Ports moved from one worker to another.
+    migrations: AtomicU64,
 }
 
 impl Shared {
@@ -312,6 +321,11 @@ pub struct DpState {
     ports: Vec<Option<Arc<PortIo>>>,
     /// The worker that reads each port.
     owner: Vec<usize>,
+    /// Which ports talk to which (counted with more than one worker), for moving them.
+    affinity: Affinity,
+    /// Moves planned and not yet done: each by the worker the port leaves (`hand_over`).
+    pending: Vec<Move>,
+    next_plan: Instant,
     uplink: Option<Arc<PacketSocket>>,
     captures: Captures,
     /// The socket uplink (host mode), when the daemon runs one.
@@ -413,6 +427,8 @@ impl DpState {
             self.ports.resize_with(i + 1, || None);
             self.owner.resize(i + 1, 0);
         }
+        self.affinity.forget(id.0);
+        self.pending.retain(|m| m.port != id.0);
         // In the table before the fd can signal: a worker woken by it finds the port.
         self.ports[i] = Some(Arc::new(io));
         self.owner[i] = k;
@@ -452,6 +468,8 @@ impl DpState {
         self.captures.list.retain(|(_, p, _)| *p != id);
         let i = id.0 as usize;
         let io = self.ports.get_mut(i)?.take()?;
+        self.affinity.forget(id.0);
+        self.pending.retain(|m| m.port != id.0);
         let fd = io.raw_fd();
         if let Err(e) = self.shared.workers[self.owner[i]]
             .registry
@@ -487,6 +505,111 @@ impl DpState {
     /// The raw uplink's counters.
     pub fn uplink_counters(&self) -> UplinkCounters {
         self.shared.uplink.snapshot()
+    }
+
+    /// Ports moved between workers so far.
+    pub fn migrations(&self) -> u64 {
+        self.shared.migrations.load(Ordering::Relaxed)
+    }
+
+    /// The worker that reads port `id`.
+    pub fn port_worker(&self, id: PortId) -> Option<usize> {
+        let i = id.0 as usize;
+        self.ports.get(i)?.as_ref()?;
+        self.owner.get(i).copied()
+    }
+
+    /// Plan moves for the interval that ends now (worker 0, at housekeeping): each is posted to
+    /// the worker the port leaves; worker 0's own are done at once (it is between reads).
+    fn plan_moves(&mut self) {
+        let now = self.now();
+        let workers = self.shared.workers.len();
+        if workers < 2 || now < self.next_plan {
+            return;
+        }
+        self.next_plan = now + AFFINITY_INTERVAL;
+        // Moves still under way: the owners are not settled yet.
+        if !self.pending.is_empty() {
+            return;
+        }
+        let owners: Vec<Option<usize>> = self
+            .ports
+            .iter()
+            .zip(&self.owner)
+            .map(|(p, o)| p.as_ref().map(|_| *o))
+            .collect();
+        self.pending = self.affinity.plan(&owners, workers, now);
+        for m in &self.pending {
+            if m.from != 0 {
+                let w = &self.shared.workers[m.from];
+                w.handover.store(true, Ordering::Release);
+                let _ = w.waker.wake();
+            }
+        }
+        self.hand_over(0);
+    }
+
+    /// Worker `k`, between its reads: give the ports planned away from it to their new
+    /// workers. It no longer reads them once it has refreshed its table (the owner changed),
+    /// and it holds none of their frames, so the new worker reads on in order.
+    fn hand_over(&mut self, k: usize) {
+        let mine: Vec<Move> = self
+            .pending
+            .iter()
+            .filter(|m| m.from == k)
+            .copied()
+            .collect();
+        if mine.is_empty() {
+            return;
+        }
+        self.pending.retain(|m| m.from != k);
+        for m in mine {
+            let i = m.port as usize;
+            let Some(fd) = self
+                .ports
+                .get(i)
+                .and_then(Option::as_ref)
+                .map(|io| io.raw_fd())
+            else {
+                continue;
+            };
+            if self.owner[i] != k || m.to >= self.shared.workers.len() {
+                continue;
+            }
+            let token = Token(PORT_BASE + i);
+            let (old, new) = (&self.shared.workers[k], &self.shared.workers[m.to]);
+            if let Err(e) = old.registry.deregister(&mut SourceFd(&fd)) {
+                tracing::warn!(port = m.port, "moving a port: deregister: {e}");
+                continue;
+            }
+            // Owner first: the new worker, woken by the fd, finds the port its own. An fd
+            // that is already readable reports on registration (epoll checks it on add).
+            self.owner[i] = m.to;
+            self.table_changed();
+            if let Err(e) = new
+                .registry
+                .register(&mut SourceFd(&fd), token, Interest::READABLE)
+            {
+                tracing::warn!(port = m.port, "moving a port: register: {e}");
+                self.owner[i] = k;
+                self.table_changed();
+                if let Err(e) = old
+                    .registry
+                    .register(&mut SourceFd(&fd), token, Interest::READABLE)
+                {
+                    tracing::error!(port = m.port, "port left unread: {e}");
+                }
+                continue;
+            }
+            let _ = new.waker.wake();
+            self.shared.migrations.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(
+                port = m.port,
+                from = k,
+                to = m.to,
+                "port moved to its peers' worker"
+            );
+        }
     }
 
     /// Per-worker frame and port counts.
@@ -537,12 +660,15 @@ impl DpState {
             host,
             tx_scratch,
             shared,
+            affinity,
             ..
         } = self;
         let captures = &*captures;
         let capturing = !captures.list.is_empty();
         // A capture copies what is written under the lock: nothing is held then.
         let hold = hold && !capturing;
+        let counting = shared.workers.len() > 1;
+        let mut outs = Outputs::default();
         held.begin(frame);
         let mut wire = Wire {
             ports,
@@ -552,6 +678,7 @@ impl DpState {
             counters: &shared.uplink,
         };
         let mut tx = |o: Out, f: &[u8], h: Option<&VnetHdr>| -> bool {
+            outs.note(o.into());
             (hold && held.hold(o, f, h)) || wire.send(o, f, h)
         };
         let mut side = false;
@@ -574,6 +701,12 @@ impl DpState {
                         side = true;
                     }
                 }
+                if side {
+                    outs.note(Peer::Uplink);
+                }
+                if counting {
+                    affinity.frame(Peer::Port(id.0), &outs);
+                }
             }
             None => {
                 let (pk, by) = gso::wire_size(frame.len(), gso.as_ref());
@@ -595,6 +728,9 @@ impl DpState {
                         pipeline.from_uplink(frame, meta, now, &mut |o, f| tx(o, f, None));
                     }
                 }
+                if counting {
+                    affinity.frame(Peer::Uplink, &outs);
+                }
             }
         }
         track && (side || pipeline.dns_host_pending() || pipeline.dns_poll_at() != dns_due)
@@ -607,6 +743,7 @@ impl DpState {
         if let Some(h) = &mut self.host {
             h.expire(std::time::Instant::now());
         }
+        self.plan_moves();
     }
 
     /// When worker 0 must run next for the socket uplink's and the DNS server's timers.
@@ -662,6 +799,7 @@ impl DpState {
             host,
             tx_scratch,
             shared,
+            affinity,
             ..
         } = self;
         let Some(h) = host.as_mut() else { return };
@@ -678,11 +816,18 @@ impl DpState {
             scratch: tx_scratch,
             counters: &shared.uplink,
         };
-        let mut tx = |o: Out, frame: &[u8], hdr: Option<&VnetHdr>| wire.send(o, frame, hdr);
+        let counting = shared.workers.len() > 1;
         let mut gso = out.gso.iter().peekable();
         for (i, p) in out.packets.iter().enumerate() {
             let g = gso.next_if(|(j, _)| *j == i).map(|&(_, g)| g);
-            pipeline.from_host(p, g, now, &mut tx);
+            let mut outs = Outputs::default();
+            pipeline.from_host(p, g, now, &mut |o, frame, hdr| {
+                outs.note(o.into());
+                wire.send(o, frame, hdr)
+            });
+            if counting {
+                affinity.frame(Peer::Uplink, &outs);
+            }
         }
         h.give_back(out);
     }
@@ -714,6 +859,7 @@ impl Dataplane {
                 registry: poll.registry().try_clone()?,
                 waker: Waker::new(poll.registry(), WAKER)?,
                 frames: AtomicU64::new(0),
+                handover: AtomicBool::new(false),
             });
             polls.push(poll);
         }
@@ -730,12 +876,16 @@ impl Dataplane {
             gen: AtomicU64::new(0),
             uplink: UplinkAtomics::default(),
             stop: AtomicBool::new(false),
+            migrations: AtomicU64::new(0),
         });
         let (jobs, rx) = crossbeam_channel::bounded::<Job>(1024);
         let state = Arc::new(Mutex::new(DpState {
             pipeline,
             ports: Vec::new(),
             owner: Vec::new(),
+            affinity: Affinity::default(),
+            pending: Vec::new(),
+            next_plan: Instant::from_micros(0) + AFFINITY_INTERVAL,
             uplink: uplink.clone(),
             captures: Captures::default(),
             host: None,
@@ -806,5 +956,56 @@ impl Dataplane {
             let _ = t.join();
         }
         ios
+    }
+}
+
+impl From<Out> for Peer {
+    fn from(o: Out) -> Peer {
+        match o {
+            Out::Port(p) => Peer::Port(p.0),
+            Out::Uplink => Peer::Uplink,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::net::UnixDatagram;
+
+    /// `hand_over` relies on this: an fd moved from one worker's (edge-triggered) poll to
+    /// another's while frames wait in it reports readable to the new one, without a new frame.
+    #[test]
+    fn a_readable_fd_moved_to_another_poll_reports_there() {
+        let (a, b) = UnixDatagram::pair().unwrap();
+        b.set_nonblocking(true).unwrap();
+        let (mut p0, mut p1) = (Poll::new().unwrap(), Poll::new().unwrap());
+        let mut ev = mio::Events::with_capacity(8);
+        let fd = b.as_raw_fd();
+        let t = Token(PORT_BASE + 3);
+        p0.registry()
+            .register(&mut SourceFd(&fd), t, Interest::READABLE)
+            .unwrap();
+        a.send(b"one").unwrap();
+        a.send(b"two").unwrap();
+        p0.poll(&mut ev, Some(StdDuration::from_secs(1))).unwrap();
+        assert!(ev.iter().any(|e| e.token() == t && e.is_readable()));
+        // Read one of the two (a batch cut short), then move the fd.
+        let mut buf = [0u8; 8];
+        assert_eq!(b.recv(&mut buf).unwrap(), 3);
+        p0.registry().deregister(&mut SourceFd(&fd)).unwrap();
+        p1.registry()
+            .register(&mut SourceFd(&fd), t, Interest::READABLE)
+            .unwrap();
+        p1.poll(&mut ev, Some(StdDuration::from_millis(100)))
+            .unwrap();
+        assert!(ev.iter().any(|e| e.token() == t && e.is_readable()));
+        let n = b.recv(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"two");
+        // The old poll hears nothing more of it.
+        a.send(b"three").unwrap();
+        p0.poll(&mut ev, Some(StdDuration::from_millis(50)))
+            .unwrap();
+        assert!(ev.is_empty());
     }
 }

@@ -229,6 +229,9 @@ pub struct PortStats {
     pub tx_bytes: u64,
     pub drops: BTreeMap<String, u64>,
     pub learn_refused: u64,
+    /// The dataplane worker that reads the port (none for the gateway).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub worker: Option<usize>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -239,7 +242,8 @@ pub struct Stats {
     /// The embedded DNS server's counters (one per outcome), pending forwards, cached answers.
     #[serde(default)]
     pub dns: serde_json::Value,
-    /// The dataplane's worker threads: `{"threads":N,"workers":[{"frames":F,"ports":P}]}`.
+    /// The dataplane's worker threads:
+    /// `{"threads":N,"migrations":M,"workers":[{"frames":F,"ports":P}]}`.
     #[serde(default)]
     pub dataplane: serde_json::Value,
 }

@@ -1,12 +1,16 @@
 //! The dataplane with two worker threads (`--threads 2`): traffic between several containers,
 //! through the NAT and into a published port works, both workers carry frames, a flow's frames
-//! keep their order, and the counters lose no increment between the threads. Root only.
+//! keep their order, and the counters lose no increment between the threads. Ports follow
+//! their conversations: a pair that talks ends up on one worker, independent pairs on
+//! different ones, a port talking through the NAT on worker 0 (the uplink's), and a stream
+//! keeps its order across the move. Root only.
 
 mod common;
 
-use std::net::{Ipv4Addr, UdpSocket};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -29,24 +33,297 @@ fn workers(env: &Env) -> (Vec<u64>, Vec<u64>) {
     )
 }
 
+/// The worker that reads each named endpoint port, and the migrations so far, from `stats`.
+fn placement(env: &Env, names: &[&str]) -> (Vec<u64>, u64) {
+    let s = env.json(&["stats"]);
+    let ports = s["ports"].as_array().unwrap_or_else(|| panic!("{s}"));
+    let w = names
+        .iter()
+        .map(|n| {
+            let p = ports.iter().find(|p| p["port"] == *n);
+            p.and_then(|p| p["worker"].as_u64())
+                .unwrap_or_else(|| panic!("no worker for {n}: {s}"))
+        })
+        .collect();
+    (w, s["dataplane"]["migrations"].as_u64().unwrap())
+}
+
+/// Wait (generously: the move is planned once a second) until `ok` holds for the workers of
+/// `names`; panics with the last placement otherwise.
+fn wait_placement(env: &Env, names: &[&str], what: &str, ok: impl Fn(&[u64]) -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (w, m) = placement(env, names);
+        if ok(&w) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: workers of {names:?} still {w:?} after {m} migrations\n{}",
+            env.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The containers of a test and their addresses.
+type Containers = (Vec<Container>, Vec<Ipv4Addr>);
+
+/// A daemon with two workers (with `uplink`, a raw uplink to the outside namespace, returned
+/// too), network `mynet` on `subnet` and `n` containers connected to it in order, container
+/// `i` with the extra `connect` arguments `extra(i)`.
+fn two_workers(
+    subnet: &str,
+    n: usize,
+    uplink: bool,
+    extra: impl Fn(usize) -> &'static [&'static str],
+) -> (Env, Option<Container>, Containers) {
+    let mut env = Env::prepare(&["--threads", "2"]);
+    let ext = uplink.then(|| {
+        env.set_extra(&[&UPLINK_ARGS[..], &["--threads", "2"]].concat());
+        env.outside()
+    });
+    env.start_daemon();
+    env.ok(&["network", "create", "mynet", "--subnet", subnet]);
+    let cs: Vec<Container> = (1..=n).map(|i| env.container(&format!("c{i}"))).collect();
+    let ips = cs
+        .iter()
+        .enumerate()
+        .map(|(i, c)| ip_of(&env.connect("mynet", c, extra(i))))
+        .collect();
+    (env, ext, (cs, ips))
+}
+
+/// Numbered datagrams (a 4-byte big-endian count) taken on port 9000 in `c`, in arrival
+/// order, until none comes for `idle`; `seen` is one past the last number taken.
+fn numbered_receiver(c: &Container, seen: Arc<AtomicU32>, idle: Duration) -> JoinHandle<Vec<u32>> {
+    let s = run_in(&c.ns, || UdpSocket::bind(("0.0.0.0", 9000)))
+        .unwrap()
+        .unwrap();
+    s.set_read_timeout(Some(idle)).unwrap();
+    std::thread::spawn(move || {
+        let mut got = Vec::new();
+        let mut b = [0u8; 64];
+        while let Ok(n) = s.recv(&mut b) {
+            if n == 4 {
+                let k = u32::from_be_bytes([b[0], b[1], b[2], b[3]]);
+                got.push(k);
+                seen.store(k + 1, Ordering::Release);
+            }
+        }
+        got
+    })
+}
+
+/// Send datagram 0 and wait (up to 2 s) until it arrived. The first datagram waits for ARP;
+/// later ones sent meanwhile would race the kernel's flush of its queue of unresolved packets
+/// and be reordered inside the sender's stack, before the dataplane.
+fn first_after_arp(s: &UdpSocket, to: SocketAddrV4, seen: &AtomicU32) {
+    let _ = s.send_to(&0u32.to_be_bytes(), to);
+    let arp = Instant::now();
+    while seen.load(Ordering::Acquire) == 0 && arp.elapsed() < Duration::from_secs(2) {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// A UDP conversation: a client sends a datagram to `to` and waits for its echo from a server
+/// on `port`, over and over, until dropped.
+struct Talk {
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<u64>>,
+}
+
+impl Talk {
+    fn start(client: &Container, server: &Container, port: u16, to: SocketAddrV4) -> Talk {
+        let srv = run_in(&server.ns, || UdpSocket::bind(("0.0.0.0", port)))
+            .unwrap()
+            .unwrap();
+        let cl = run_in(&client.ns, || UdpSocket::bind("0.0.0.0:0"))
+            .unwrap()
+            .unwrap();
+        for s in [&srv, &cl] {
+            s.set_read_timeout(Some(Duration::from_millis(100)))
+                .unwrap();
+        }
+        let stop = Arc::new(AtomicBool::new(false));
+        let st = stop.clone();
+        let echo = std::thread::spawn(move || {
+            let mut b = [0u8; 64];
+            let mut n = 0;
+            while !st.load(Ordering::Relaxed) {
+                if let Ok((len, from)) = srv.recv_from(&mut b) {
+                    let _ = srv.send_to(&b[..len], from);
+                    n += 1;
+                }
+            }
+            n
+        });
+        let st = stop.clone();
+        let ask = std::thread::spawn(move || {
+            let mut b = [0u8; 64];
+            let mut n = 0;
+            while !st.load(Ordering::Relaxed) {
+                let _ = cl.send_to(b"ping", to);
+                if cl.recv(&mut b).is_ok() {
+                    n += 1;
+                }
+                std::thread::sleep(Duration::from_micros(100));
+            }
+            n
+        });
+        Talk {
+            stop,
+            threads: vec![echo, ask],
+        }
+    }
+
+    /// Stop; the echoes the client got.
+    fn finish(mut self) -> u64 {
+        self.stop.store(true, Ordering::Relaxed);
+        let mut got = 0;
+        for t in self.threads.drain(..) {
+            got = t.join().unwrap();
+        }
+        got
+    }
+}
+
+impl Drop for Talk {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+#[test]
+fn a_talking_pair_shares_a_worker_and_independent_pairs_spread() {
+    if !root() {
+        return;
+    }
+    let (env, _, (cs, ips)) = two_workers("10.80.0.0/24", 4, false, |i| {
+        if i < 2 {
+            &["--type", "tap"]
+        } else {
+            &["--type", "veth"]
+        }
+    });
+    let names = ["c1", "c2", "c3", "c4"];
+    // Attached by fewest ports: each pair starts split over the two workers.
+    let (w, m) = placement(&env, &names);
+    assert!(w[0] != w[1] && w[2] != w[3] && m == 0, "{w:?} {m}");
+
+    let one = Talk::start(&cs[0], &cs[1], 7000, SocketAddrV4::new(ips[1], 7000));
+    wait_placement(&env, &names, "c1-c2 together", |w| w[0] == w[1]);
+    let two = Talk::start(&cs[2], &cs[3], 7000, SocketAddrV4::new(ips[3], 7000));
+    let apart = |w: &[u64]| w[0] == w[1] && w[2] == w[3] && w[0] != w[2];
+    wait_placement(&env, &names, "c3-c4 together, apart from c1-c2", apart);
+    // Settled: both workers carry their pair's frames.
+    let (before, _) = workers(&env);
+    std::thread::sleep(Duration::from_secs(1));
+    let (after, _) = workers(&env);
+    let (w, m) = placement(&env, &names);
+    assert!(apart(&w), "the pairs stayed put: {w:?}");
+    assert!(m >= 2, "{m} migrations");
+    assert!(
+        before.iter().zip(&after).all(|(b, a)| a - b > 100),
+        "both workers carry frames: {before:?} -> {after:?}"
+    );
+    assert!(one.finish() > 100 && two.finish() > 100);
+}
+
+#[test]
+fn ports_talking_through_the_nat_or_a_published_port_move_to_worker_0() {
+    if !root() {
+        return;
+    }
+    let (env, ext, (cs, _)) = two_workers("10.81.0.0/24", 3, true, |i| {
+        if i == 2 {
+            &["-p", "8080:80/udp"]
+        } else {
+            &[]
+        }
+    });
+    let ext = ext.unwrap();
+    let names = ["c1", "c3"];
+    // Worker 0 counts one port more (the uplink): c1 and c3 start on worker 1.
+    assert_eq!(placement(&env, &names).0, [1, 1]);
+    let snat = Talk::start(&cs[0], &ext, 9000, SocketAddrV4::new(EXT, 9000));
+    wait_placement(&env, &names, "c1 (SNAT) on worker 0", |w| w[0] == 0);
+    assert!(snat.finish() > 100);
+    let publ = Talk::start(&ext, &cs[2], 80, SocketAddrV4::new(UPLINK, 8080));
+    wait_placement(&env, &names, "c3 (published) on worker 0", |w| w == [0, 0]);
+    assert!(publ.finish() > 100);
+}
+
+#[test]
+fn a_stream_keeps_its_order_and_loses_nothing_across_a_move() {
+    if !root() {
+        return;
+    }
+    let (env, _, (cs, ips)) = two_workers("10.82.0.0/24", 2, false, |_| &[]);
+    let names = ["c1", "c2"];
+    assert_ne!(placement(&env, &names).0[0], placement(&env, &names).0[1]);
+    // c1 streams numbered datagrams to c2, at most WINDOW ahead of what c2 has taken (both
+    // run in this process), so no socket buffer overflows: every datagram must arrive, in
+    // order, also while the ports change workers. It streams on for a while after the move.
+    const WINDOW: u32 = 64;
+    let seen = Arc::new(AtomicU32::new(0));
+    let moved = Arc::new(AtomicBool::new(false));
+    let recv = numbered_receiver(&cs[1], seen.clone(), Duration::from_secs(2));
+    let tx = run_in(&cs[0].ns, || UdpSocket::bind("0.0.0.0:0"))
+        .unwrap()
+        .unwrap();
+    let (sseen, smoved) = (seen.clone(), moved.clone());
+    let send = std::thread::spawn(move || {
+        let to = SocketAddrV4::new(ips[1], 9000);
+        let start = Instant::now();
+        first_after_arp(&tx, to, &sseen);
+        let mut k = 1u32;
+        let mut after = None;
+        while start.elapsed() < Duration::from_secs(60) {
+            if after.is_none() && smoved.load(Ordering::Acquire) {
+                after = Some(k);
+            }
+            if after.is_some_and(|a| k >= a + 20_000) {
+                break;
+            }
+            let stalled = Instant::now();
+            while k >= sseen.load(Ordering::Acquire) + WINDOW
+                && stalled.elapsed() < Duration::from_secs(1)
+            {
+                std::thread::yield_now();
+            }
+            let _ = tx.send_to(&k.to_be_bytes(), to);
+            k += 1;
+        }
+        k
+    });
+    wait_placement(&env, &names, "c1-c2 together", |w| w[0] == w[1]);
+    moved.store(true, Ordering::Release);
+    let sent = send.join().unwrap();
+    let got = recv.join().unwrap();
+    assert!(placement(&env, &names).1 >= 1);
+    let expect: Vec<u32> = (0..sent).collect();
+    if got != expect {
+        let first = got.iter().zip(&expect).position(|(g, e)| g != e);
+        panic!(
+            "{} of {sent} arrived; first difference at {first:?}: {:?}",
+            got.len(),
+            first.map(|i| &got[i.saturating_sub(3)..(i + 3).min(got.len())])
+        );
+    }
+}
+
 #[test]
 fn two_workers_carry_traffic_between_containers_and_through_the_nat() {
     if !root() {
         return;
     }
-    let mut env = Env::prepare(&[&UPLINK_ARGS[..], &["--threads", "2"]].concat());
-    let ext = env.outside();
-    env.start_daemon();
-    env.ok(&["network", "create", "mynet", "--subnet", "10.78.0.0/24"]);
-    let cs: Vec<Container> = (1..=4).map(|i| env.container(&format!("c{i}"))).collect();
-    let mut ips = Vec::new();
-    for (i, c) in cs.iter().enumerate() {
-        let mut extra = vec!["--type", if i % 2 == 0 { "tap" } else { "veth" }];
-        if i == 3 {
-            extra.extend_from_slice(&["-p", "8080:80"]);
-        }
-        ips.push(ip_of(&env.connect("mynet", c, &extra)));
-    }
+    let (env, ext, (cs, ips)) = two_workers("10.78.0.0/24", 4, true, |i| match i {
+        3 => &["--type", "veth", "-p", "8080:80"],
+        1 => &["--type", "veth"],
+        _ => &["--type", "tap"],
+    });
+    let ext = ext.unwrap();
     let (_, ports) = workers(&env);
     assert_eq!(ports, [2, 2], "ports are spread over the workers");
 
@@ -99,13 +376,7 @@ fn a_flow_keeps_its_order_and_counters_lose_nothing_across_workers() {
         return;
     }
     // No raw uplink: every frame a worker reads comes from an endpoint port.
-    let mut env = Env::new(&["--threads", "2"]);
-    env.ok(&["network", "create", "mynet", "--subnet", "10.79.0.0/24"]);
-    let cs: Vec<Container> = (1..=4).map(|i| env.container(&format!("c{i}"))).collect();
-    let ips: Vec<Ipv4Addr> = cs
-        .iter()
-        .map(|c| ip_of(&env.connect("mynet", c, &[])))
-        .collect();
+    let (env, _, (cs, ips)) = two_workers("10.79.0.0/24", 4, false, |_| &[]);
     // Two numbered UDP streams at once, c1 -> c2 and c4 -> c3, crossing between the workers:
     // what arrives arrives in the order sent.
     const N: u32 = 3000;
@@ -113,38 +384,13 @@ fn a_flow_keeps_its_order_and_counters_lose_nothing_across_workers() {
     // run in this process), so a loaded machine slows the stream instead of dropping it; a
     // window with no progress for 50 ms is given up on (a loss), so a drop cannot stall it.
     const WINDOW: u32 = 128;
-    let recv = |i: usize, seen: Arc<AtomicU32>| {
-        let s = run_in(&cs[i].ns, || UdpSocket::bind(("0.0.0.0", 9000)))
-            .unwrap()
-            .unwrap();
-        s.set_read_timeout(Some(Duration::from_millis(500)))
-            .unwrap();
-        std::thread::spawn(move || {
-            let mut got = Vec::new();
-            let mut b = [0u8; 64];
-            while let Ok(n) = s.recv(&mut b) {
-                if n == 4 {
-                    let k = u32::from_be_bytes([b[0], b[1], b[2], b[3]]);
-                    got.push(k);
-                    seen.store(k + 1, Ordering::Release);
-                }
-            }
-            got
-        })
-    };
+    let recv = |i: usize, seen| numbered_receiver(&cs[i], seen, Duration::from_millis(500));
     let send = |i: usize, to: Ipv4Addr, seen: Arc<AtomicU32>| {
         let ns = switchyard_control::netns::NetNs::open(&cs[i].path).unwrap();
         std::thread::spawn(move || {
             run_in(&ns, || {
                 let s = UdpSocket::bind("0.0.0.0:0").unwrap();
-                // The first datagram waits for ARP; later ones are sent once it has arrived.
-                // Sent meanwhile, they would race the kernel's flush of its queue of unresolved
-                // packets and be reordered inside the sender's stack, before the dataplane.
-                let _ = s.send_to(&0u32.to_be_bytes(), (to, 9000));
-                let arp = Instant::now();
-                while seen.load(Ordering::Acquire) == 0 && arp.elapsed() < Duration::from_secs(2) {
-                    std::thread::sleep(Duration::from_millis(1));
-                }
+                first_after_arp(&s, SocketAddrV4::new(to, 9000), &seen);
                 for k in 1..N {
                     let stalled = Instant::now();
                     while k >= seen.load(Ordering::Acquire) + WINDOW

@@ -1,7 +1,8 @@
 //! One dataplane worker: a mio loop over the port fds assigned to it.
 //!
-//! Every endpoint port is read by exactly one worker (chosen at attach), so a flow's frames
-//! from one container are taken in order by one thread. Reading (the kernel's copy into our
+//! Every endpoint port is read by exactly one worker (chosen at attach, then moved to follow
+//! its conversation: `affinity.rs`, `DpState::hand_over`), so a flow's frames from one
+//! container are taken in order by one thread. Reading (the kernel's copy into our
 //! buffer) happens outside the state lock; the pipeline (switch, conntrack, NAT) runs under
 //! it, one frame at a time; the frame's own output, usually the only one, is written after
 //! the lock is released (`held.rs`). Worker 0 also reads the raw uplink, runs the socket
@@ -196,6 +197,14 @@ impl Worker {
                 } else {
                     i += 1;
                 }
+            }
+            // Between reads, holding no frame: the moment to give ports away (`hand_over`).
+            if self.shared.workers[self.k]
+                .handover
+                .swap(false, Ordering::AcqRel)
+            {
+                let mut st = Self::lock(&self.state);
+                st.hand_over(self.k);
             }
             let Some(jobs) = &jobs else {
                 // Work this worker's frames left for the socket uplink or the DNS server:
