@@ -95,6 +95,7 @@ impl Emits {
     }
 
     /// [`Self::push_copy`] for a frame that goes out with a virtio-net header.
+    #[inline]
     pub(crate) fn push_copy_offloaded(
         &mut self,
         egress: Egress,

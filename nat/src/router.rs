@@ -305,7 +305,9 @@ impl Router {
             .fast_from_network(net, frame, meta, now, out, hint)
             .is_some()
         {
-            return self.finish(Verdict::Forwarded);
+            // No `finish`: a forwarded packet counts no drop, and the fast path changes no
+            // table statistics, so the counters' copy of them is still current.
+            return Verdict::Forwarded;
         }
         let v = self.network_rx(net, frame, meta, now, out);
         self.finish(v)
@@ -333,7 +335,8 @@ impl Router {
         hint: Option<Hint>,
     ) -> Verdict {
         if self.fast_from_uplink(frame, meta, now, out, hint).is_some() {
-            return self.finish(Verdict::Forwarded);
+            // No `finish`: see `hinted_from_network`.
+            return Verdict::Forwarded;
         }
         let v = self.uplink_rx(frame, meta, now, out);
         self.finish(v)

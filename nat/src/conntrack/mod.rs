@@ -672,7 +672,7 @@ impl<A: IpAddress> Table<A> {
     }
 
     /// Account a packet of `r` in `dir`: refresh, mark replies, and run the TCP machine.
-    #[inline]
+    #[inline(always)]
     pub fn on_packet(&mut self, r: ConnRef, dir: Dir, tcp: Option<TcpFlags>, now: Instant) {
         let now_us = now.total_micros();
         let Some(c) = self.conns.get_mut(r.idx as usize) else {
@@ -709,10 +709,17 @@ impl<A: IpAddress> Table<A> {
             }
         }
         if new != old {
-            self.unlink(r.idx);
-            self.conns[r.idx as usize].state = new;
-            self.push_tail(r.idx, new, now_us);
+            self.requeue(r.idx, new, now_us);
         }
+    }
+
+    /// Move entry `idx` to the expiry FIFO of its new state (kept out of [`Self::on_packet`],
+    /// which is inlined on the fast path where the state rarely changes).
+    #[inline(never)]
+    fn requeue(&mut self, idx: u32, new: State, now_us: i64) {
+        self.unlink(idx);
+        self.conns[idx as usize].state = new;
+        self.push_tail(idx, new, now_us);
     }
 
     /// Remove a connection by handle.
