@@ -16,6 +16,10 @@
 //! mode; a packet from the host uplink leaves only into the network of its destination, as
 //! that packet behind the gateway's and the endpoint's MACs, within the MTU, and as GSO only
 //! a TCPv4 frame that `gso::finish` cuts into valid segments that fit.
+//!
+//! Every frame also goes, as it is and without the switch in front, to the routers of a
+//! [`Twins`]: one takes them in runs through the batch entry points, the other one at a time,
+//! and both must agree on everything after each run (see `switchyard_fuzz::batch`).
 
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
@@ -24,6 +28,7 @@ use std::sync::OnceLock;
 use libfuzzer_sys::fuzz_target;
 use switchyard_control::pipeline::{Out, Pipeline};
 use switchyard_control::topology::Topology;
+use switchyard_fuzz::batch::Twins;
 use switchyard_fuzz::{
     checksum_error, decode_ops, gso_hdr, host_gso_size, ip_checksum_error, Op, CONNTRACK_MAX,
     HOST_OP, MODE_OP, TOPOLOGY,
@@ -112,6 +117,11 @@ fuzz_target!(|data: &[u8]| {
         (t, info)
     });
     let mut p = topo.build(Instant::ZERO).expect("fuzz topology builds");
+    let mut twins = Twins::new(|| {
+        topo.build(Instant::ZERO)
+            .expect("fuzz topology builds")
+            .router
+    });
     let raw = p.router.uplink().copied();
     let ports = topo.endpoints.len() + 1;
     let mut now_ms: i64 = 0;
@@ -121,6 +131,7 @@ fuzz_target!(|data: &[u8]| {
         match op.port & 0xc0 {
             MODE_OP => {
                 set_mode(&mut p, raw, op.flags);
+                twins.set_mode(raw.filter(|_| op.flags & 2 == 0), op.flags & 1 != 0);
                 continue;
             }
             HOST_OP => {
@@ -131,6 +142,7 @@ fuzz_target!(|data: &[u8]| {
         }
         if op.flags & 2 != 0 {
             p.expire(now);
+            twins.expire(now);
         }
         let has_raw = p.router.uplink().is_some();
         let meta = RxMeta {
@@ -141,6 +153,12 @@ fuzz_target!(|data: &[u8]| {
             .get(usize::from(op.port) % ports)
             .map(|e| e.port);
         let ingress_net = ingress.map(|id| info[&id].0);
+        twins.push(
+            ingress_net.map(|n| topo.networks[n].id),
+            meta,
+            now,
+            &op.frame.0,
+        );
         let mut tx = |o: Out, f: &[u8]| {
             let (limit, from_router) = match o {
                 Out::Uplink => {
@@ -250,4 +268,5 @@ fuzz_target!(|data: &[u8]| {
             "conntrack over its maximum"
         );
     }
+    twins.flush();
 });

@@ -15,6 +15,7 @@ use smoltcp::wire::{
     UdpPacket,
 };
 
+pub mod batch;
 #[path = "../../control/tests/frames/mod.rs"]
 pub mod frames;
 
