@@ -9,7 +9,8 @@
 //!   grouped with it; groups are the connected ports, and one that includes the uplink belongs
 //!   on worker 0;
 //! - a group spread over several workers is gathered on the least loaded one (by frames of the
-//!   groups already in place), biggest group first, so independent conversations spread;
+//!   groups already in place; the lowest of those about as light), biggest group first, so
+//!   independent conversations spread and a lone one settles on worker 0;
 //! - a worker carrying several groups gives one to a lighter worker only when that at least
 //!   halves the gap between them, so a move is never undone by the next plan at steady load;
 //! - a port that moved stays put for [`DWELL`].
@@ -226,8 +227,12 @@ impl Affinity {
                 None => spread.push(i),
             }
         }
-        // Biggest first, then by lowest port, for a deterministic plan.
-        spread.sort_by_key(|i| (std::cmp::Reverse(groups[*i].frames), groups[*i].ports[0]));
+        // Worker 0's groups first (they weigh on it whatever happens), then the biggest, then
+        // by lowest port, for a deterministic plan.
+        spread.sort_by_key(|i| {
+            let g = &groups[*i];
+            (!g.pinned, std::cmp::Reverse(g.frames), g.ports[0])
+        });
         let mut moves = Vec::new();
         for i in spread {
             let g = &groups[i];
@@ -237,11 +242,16 @@ impl Affinity {
                     share[w] += frames[*p as usize];
                 }
             }
+            // The least loaded worker; among those about as light (within an eighth of the
+            // group or of that load), the lowest: so that a lone conversation gathers on
+            // worker 0, with the uplink, and stays there when it also talks to the outside.
+            let least = load.iter().copied().min().unwrap_or(0);
+            let slack = (least.max(g.frames) / 8).max(MIN_FRAMES);
             let to = if g.pinned {
                 0
             } else {
                 (0..workers)
-                    .min_by_key(|w| (load[*w], std::cmp::Reverse(share[*w]), *w))
+                    .find(|w| load[*w] <= least + slack)
                     .unwrap_or(0)
             };
             if g.ports
@@ -342,7 +352,7 @@ mod tests {
         talk(&mut a, Peer::Port(0), Peer::Port(1), 300);
         talk(&mut a, Peer::Port(1), Peer::Port(0), 200);
         let m = a.plan(&owners(&[1, 0]), 2, at(0));
-        // Both idle: the worker with more of the pair's frames (here equal: the lower one).
+        // Both idle: the lower one.
         assert_eq!(
             m,
             vec![Move {
@@ -354,6 +364,50 @@ mod tests {
         // Together now: nothing more to do.
         talk(&mut a, Peer::Port(0), Peer::Port(1), 500);
         assert!(a.plan(&owners(&[0, 0]), 2, at(1000)).is_empty());
+    }
+
+    #[test]
+    fn a_lone_pair_gathers_on_worker_0_despite_a_little_traffic_there() {
+        let mut a = Affinity::default();
+        // Most of the pair's frames are port 0's, on worker 1; worker 0 has some chatter.
+        talk(&mut a, Peer::Port(0), Peer::Port(1), 3000);
+        talk(&mut a, Peer::Port(0), Peer::Port(2), 100);
+        talk(&mut a, Peer::Port(2), Peer::Port(3), 150);
+        let m = a.plan(&owners(&[1, 0, 0, 0]), 2, at(0));
+        assert_eq!(
+            m,
+            vec![Move {
+                port: 0,
+                from: 1,
+                to: 0
+            }]
+        );
+    }
+
+    #[test]
+    fn a_pair_goes_where_the_uplink_traffic_is_not() {
+        let mut a = Affinity::default();
+        // 2 talks to the uplink from worker 1 (it must go to 0), 0-1 is split: it spreads to
+        // worker 1 even though it is the bigger group.
+        talk(&mut a, Peer::Port(0), Peer::Port(1), 3000);
+        talk(&mut a, Peer::Port(2), Peer::Uplink, 2000);
+        let mut m = a.plan(&owners(&[0, 1, 1]), 2, at(0));
+        m.sort_by_key(|mv| mv.port);
+        assert_eq!(
+            m,
+            vec![
+                Move {
+                    port: 0,
+                    from: 0,
+                    to: 1
+                },
+                Move {
+                    port: 2,
+                    from: 1,
+                    to: 0
+                }
+            ]
+        );
     }
 
     #[test]
