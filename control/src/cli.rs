@@ -162,18 +162,18 @@ pub struct DaemonArgs {
         default_value_t = 50
     )]
     pub busy_poll: u64,
-    /// Dataplane worker threads. Each container's port is read by one of them (its flows stay
-    /// in order); the switch and the NAT are shared. On 2 shared cores, 2 threads carry more TCP
-    /// with busy polling off, but two spinning workers cost latency and throughput with it on:
-    /// the default is one (README, Dataplane threads).
+    /// Dataplane worker threads [default: 2, or 1 on a one-core machine]. Each container's
+    /// port is read by one of them (its flows stay in order), and ports move to the worker of
+    /// the ports they talk to (a port talking to the outside to worker 0, with the uplink), so
+    /// one conversation runs on one worker and independent ones in parallel; the switch and
+    /// the NAT are shared (README, Dataplane threads).
     #[arg(
         long,
         value_name = "N",
         env = "SWITCHYARD_THREADS",
-        default_value_t = 1,
         value_parser = clap::value_parser!(u16).range(1..=64)
     )]
-    pub threads: u16,
+    pub threads: Option<u16>,
 }
 
 #[derive(Subcommand, Debug)]

@@ -66,7 +66,7 @@ fn real_main(cli: Cli) -> Result<i32> {
                 dns: a.dns,
                 bridge_dns: a.bridge_dns,
                 busy_poll: std::time::Duration::from_micros(a.busy_poll),
-                threads: usize::from(a.threads),
+                threads: a.threads.map_or_else(default_threads, usize::from),
                 mac_aging: std::time::Duration::from_secs(a.mac_aging),
                 conntrack_max: a.conntrack_max,
                 group: match &a.group {
@@ -158,4 +158,10 @@ fn main() -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+/// Two dataplane workers (README, Dataplane threads: with conversation affinity, two cost one
+/// conversation nothing on 2 cores and run independent ones in parallel), one on a single core.
+fn default_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get().min(2))
 }
