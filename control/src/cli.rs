@@ -613,6 +613,19 @@ pub fn simple(socket: &Option<PathBuf>, cmd: Cmd) -> Result<i32> {
                 let kv = flatten_counters("", &s.dns);
                 println!("dns: {}", kv.join(" "));
             }
+            if let Some(ws) = s.dataplane["workers"].as_array() {
+                let per: Vec<String> = ws
+                    .iter()
+                    .enumerate()
+                    .map(|(k, w)| format!("worker{k}: frames={} ports={}", w["frames"], w["ports"]))
+                    .collect();
+                println!(
+                    "dataplane: threads={} migrations={}; {}",
+                    ws.len(),
+                    s.dataplane["migrations"],
+                    per.join("; ")
+                );
+            }
         }
         Cmd::Conntrack { json } => {
             let v = c.call_value("conntrack", json!({}))?;

@@ -223,6 +223,13 @@ fn a_talking_pair_shares_a_worker_and_independent_pairs_spread() {
     let (w, m) = placement(&env, &names);
     assert!(apart(&w), "the pairs stayed put: {w:?}");
     assert!(m >= 2, "{m} migrations");
+    // The table says it too.
+    let table = env.ok(&["stats"]);
+    let shown = table
+        .lines()
+        .find_map(|l| l.strip_prefix("dataplane: threads=2 migrations="))
+        .and_then(|r| r.split(';').next()?.parse::<u64>().ok());
+    assert!(shown.is_some_and(|n| n >= m), "{table}");
     assert!(
         before.iter().zip(&after).all(|(b, a)| a - b > 100),
         "both workers carry frames: {before:?} -> {after:?}"
