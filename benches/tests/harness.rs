@@ -117,7 +117,18 @@ fn quick_run(dir: &Path, args: &[&str], secs: u64) -> (u32, Value) {
         Vec::<String>::new(),
         "namespaces left behind"
     );
-    let v = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let text = std::fs::read_to_string(&json).unwrap();
+    // The results dir holds the same run's JSON next to its table and chart.
+    for kept in [
+        "switchyard-bench.json",
+        "switchyard-bench.md",
+        "switchyard-bench.svg",
+    ] {
+        assert!(dir.join(kept).is_file(), "{kept} not written");
+    }
+    let kept = std::fs::read_to_string(dir.join("switchyard-bench.json")).unwrap();
+    assert_eq!(kept, text, "the results dir's JSON is not this run's");
+    let v = serde_json::from_str(&text).unwrap();
     (pid, v)
 }
 

@@ -40,26 +40,23 @@ fn main() -> ExitCode {
         failed = true;
     }
     let chart = "switchyard-bench.svg";
-    let outputs = [
+    let json =
+        serde_json::to_string_pretty(&report::to_json(&res, &cells)).unwrap_or_default() + "\n";
+    // The chart, the table and the JSON of one run always go together (a JSON left from an
+    // earlier run next to a newer table would not say which figures it holds).
+    let mut outputs = vec![
         (dir.join(chart), report::svg(&res, &cells)),
         (
             dir.join("switchyard-bench.md"),
             report::markdown(&res, &cells, &format!("benches/results/{chart}")),
         ),
+        (dir.join("switchyard-bench.json"), json.clone()),
     ];
+    if let Some(path) = &args.json {
+        outputs.push((path.clone(), json));
+    }
     for (path, text) in outputs {
         match std::fs::write(&path, text) {
-            Ok(()) => println!("wrote {}", path.display()),
-            Err(e) => {
-                eprintln!("switchyard-bench: writing {}: {e}", path.display());
-                failed = true;
-            }
-        }
-    }
-    if let Some(path) = &args.json {
-        let v = report::to_json(&res, &cells);
-        let text = serde_json::to_string_pretty(&v).unwrap_or_default();
-        match std::fs::write(path, text + "\n") {
             Ok(()) => println!("wrote {}", path.display()),
             Err(e) => {
                 eprintln!("switchyard-bench: writing {}: {e}", path.display());
